@@ -1,0 +1,521 @@
+"""The request context: ``DataAccessContext`` (sync and async) and ``Meta``.
+
+A context is entered once, sets up the context middleware in registration order,
+hands out resources lazily while active, then tears middleware down in reverse
+order and resources most-recently-created first. The states and legal transitions
+are those of :mod:`polydatum.lifecycle`; the exception semantics are:
+
+* an exception raised in the ``with`` block is thrown into each middleware on
+  teardown, innermost first; a middleware may suppress it (the block then completes
+  normally), replace it, or let it through;
+* resources then see the exception as it stands (so they can roll back); errors they
+  raise while tearing down are suppressed and recorded -- in
+  :meth:`DataAccessContext.get_resource_exit_errors`, on the teardown span, as a
+  warning log event and in the ``polydatum.resource.teardown.errors`` counter -- unless
+  the DataManager's ``teardown_errors="raise"`` policy asks for an
+  :class:`~polydatum.errors.TeardownErrors` group at exit;
+* a middleware failing during setup aborts the context: what was set up is torn down
+  with that error, and the error (or what middleware replaced it with) propagates.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from contextvars import ContextVar, Token
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from polydatum.errors import (
+    ContextStateError,
+    MiddlewareSetupException,
+    ResourceException,
+    ResourceSetupException,
+    TeardownErrors,
+    UnknownResourceError,
+)
+from polydatum.lifecycle import (
+    RESOURCE_CREATE_STATES,
+    RESOURCE_USE_STATES,
+    GeneratorRecord,
+    Outcome,
+    State,
+    StepResult,
+    TeardownPlan,
+    adrive,
+    aclose_quietly,
+    close_quietly,
+    drive,
+    middleware_teardown_plan,
+    resource_teardown_plan,
+    transition,
+    twice_yielded,
+)
+from polydatum.meta import Meta
+
+if TYPE_CHECKING:
+    from polydatum.dal import DataAccessLayer, DataManager
+    from polydatum.telemetry import ContextTelemetry
+
+__all__ = ["DataAccessContext", "Meta", "get_active_context"]
+
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
+
+_active: ContextVar[DataAccessContext | None] = ContextVar(
+    "polydatum_active_context", default=None
+)
+
+
+def get_active_context() -> DataAccessContext | None:
+    """The context active in this thread / asyncio task, or ``None``."""
+    return _active.get()
+
+
+def _callable_name(obj: Any) -> str:
+    name = getattr(obj, "__name__", None)
+    return name if isinstance(name, str) else type(obj).__name__
+
+
+class DataAccessContext:
+    """One request's state: read-only ``meta``, the ``dal``, and lazily created resources.
+
+    Use it as ``with dm.context(meta) as ctx:`` or ``async with``. Resources are
+    attributes (``ctx.db``), created on first access; ``'db' in ctx`` tells whether
+    that happened. In an async context, ``await ctx.aresource('db')`` also creates
+    async-generator resources. A context is single-use.
+    """
+
+    def __init__(self, data_manager: DataManager, meta: Meta | dict[str, Any] | None = None):
+        self.data_manager = data_manager
+        self.dal: DataAccessLayer = data_manager.get_dal()
+        self.meta = meta if isinstance(meta, Meta) else Meta(meta)
+        self._state = State.CREATED
+        self._resources: dict[str, Any] = {}
+        self._resource_stack: list[GeneratorRecord] = []
+        self._middleware_stack: list[GeneratorRecord] = []
+        self._resource_exit_errors: list[ExcInfo] = []
+        self._creating: set[str] = set()
+        self._telemetry: ContextTelemetry | None = None
+        self._token: Token[DataAccessContext | None] | None = None
+        self._outer: DataAccessContext | None = None
+        self._id: str | None = None
+        self._is_async = False
+
+    # ----------------------------------------------------------------- public API
+
+    @property
+    def id(self) -> str:
+        """A random id for this context (recorded as ``polydatum.context.id``)."""
+        if self._id is None:
+            self._id = os.urandom(8).hex()
+        return self._id
+
+    @property
+    def state(self) -> State:
+        """Where this context is in its lifecycle."""
+        return self._state
+
+    def get_resource_exit_errors(self) -> list[ExcInfo]:
+        """Errors resources raised while tearing down, as ``sys.exc_info()`` triples."""
+        return self._resource_exit_errors
+
+    def __contains__(self, name: object) -> bool:
+        """Whether the resource ``name`` has been created in this context."""
+        return name in self._resources
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name.startswith("_abc"):
+            raise AttributeError(name)
+        return self.resource(name)
+
+    def resource(self, name: str) -> Any:
+        """Return resource ``name``, creating it on first use (sync resources only)."""
+        state = self._state
+        if state not in RESOURCE_USE_STATES:
+            raise ContextStateError(self._resource_state_message(name))
+        try:
+            return self._resources[name]
+        except KeyError:
+            pass
+        rec, scope = self._start_resource(name)
+        if rec.is_async:  # an async resource asked for synchronously in an async context
+            self._creating.discard(name)
+            self._finish_resource(rec, scope, Outcome.RAISED, self._async_misuse(name))
+        try:
+            outcome, value = drive(rec, None, scope)
+        finally:
+            self._creating.discard(name)
+        return self._finish_resource(rec, scope, outcome, value)
+
+    async def aresource(self, name: str) -> Any:
+        """Return resource ``name``, creating it on first use (sync or async resources)."""
+        state = self._state
+        if state not in RESOURCE_USE_STATES:
+            raise ContextStateError(self._resource_state_message(name))
+        try:
+            return self._resources[name]
+        except KeyError:
+            pass
+        rec, scope = self._start_resource(name)
+        try:
+            outcome, value = await adrive(rec, None, scope)
+        finally:
+            self._creating.discard(name)
+        return self._finish_resource(rec, scope, outcome, value)
+
+    # ------------------------------------------------------------------ sync enter/exit
+
+    def __enter__(self) -> DataAccessContext:
+        self._begin(is_async=False)
+        try:
+            for position, middleware in enumerate(self.data_manager.get_middleware(self)):
+                rec, scope = self._start_middleware(position, middleware)
+                outcome, value = drive(rec, None, scope)
+                self._finish_middleware_setup(rec, scope, outcome, value)
+        except BaseException as error:
+            self._state = transition(self._state, "setup_failed")
+            final = self._teardown(error, setup_failed=True)
+            if final is error:
+                raise
+            raise final  # a middleware replaced the setup error
+        self._state = transition(self._state, "setup_done")
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        self._state = transition(self._state, "exit")
+        if exc_type is not None and exc is None:
+            exc = exc_type()
+        final = self._teardown(exc)
+        if final is None:
+            return exc is not None  # suppressed by middleware: the block completes
+        if final is exc:
+            return False  # let Python re-raise it with its own traceback
+        raise final
+
+    def _teardown(
+        self, exc: BaseException | None, setup_failed: bool = False
+    ) -> BaseException | None:
+        final = self._run_plan(middleware_teardown_plan(self._middleware_stack, exc))
+        self._between_phases()
+        self._run_plan(resource_teardown_plan(self._resource_stack, final))
+        return self._end(exc, final, setup_failed)
+
+    def _run_plan(self, plan: TeardownPlan) -> BaseException | None:
+        try:
+            step = next(plan)
+            while True:
+                rec = step.rec
+                scope = self._start_teardown(rec)
+                outcome, value = drive(rec, step.exc, scope)
+                if outcome is Outcome.YIELDED:
+                    close_quietly(rec)
+                result = self._finish_teardown(rec, scope, step.exc, outcome, value)
+                step = plan.send(result)
+        except StopIteration as stop:
+            final: BaseException | None = stop.value
+            return final
+
+    # ----------------------------------------------------------------- async enter/exit
+
+    async def __aenter__(self) -> DataAccessContext:
+        self._begin(is_async=True)
+        try:
+            for position, middleware in enumerate(self.data_manager.get_middleware(self)):
+                rec, scope = self._start_middleware(position, middleware)
+                outcome, value = await adrive(rec, None, scope)
+                self._finish_middleware_setup(rec, scope, outcome, value)
+        except BaseException as error:
+            self._state = transition(self._state, "setup_failed")
+            final = await self._ateardown(error, setup_failed=True)
+            if final is error:
+                raise
+            raise final  # a middleware replaced the setup error
+        self._state = transition(self._state, "setup_done")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        self._state = transition(self._state, "exit")
+        if exc_type is not None and exc is None:
+            exc = exc_type()
+        final = await self._ateardown(exc)
+        if final is None:
+            return exc is not None
+        if final is exc:
+            return False
+        raise final
+
+    async def _ateardown(
+        self, exc: BaseException | None, setup_failed: bool = False
+    ) -> BaseException | None:
+        final = await self._arun_plan(middleware_teardown_plan(self._middleware_stack, exc))
+        self._between_phases()
+        await self._arun_plan(resource_teardown_plan(self._resource_stack, final))
+        return self._end(exc, final, setup_failed)
+
+    async def _arun_plan(self, plan: TeardownPlan) -> BaseException | None:
+        try:
+            step = next(plan)
+            while True:
+                rec = step.rec
+                scope = self._start_teardown(rec)
+                outcome, value = await adrive(rec, step.exc, scope)
+                if outcome is Outcome.YIELDED:
+                    await aclose_quietly(rec)
+                result = self._finish_teardown(rec, scope, step.exc, outcome, value)
+                step = plan.send(result)
+        except StopIteration as stop:
+            final: BaseException | None = stop.value
+            return final
+
+    # ------------------------------------------------------- shared by sync and async
+
+    def _begin(self, is_async: bool) -> None:
+        self._state = transition(self._state, "enter")
+        self._is_async = is_async
+        self._outer = _active.get()
+        self._token = _active.set(self)
+        telemetry = self.data_manager._telemetry.start(self)
+        self._telemetry = telemetry
+        if telemetry is not None:
+            telemetry.begin()
+        self._setup_hook()
+
+    def _between_phases(self) -> None:
+        self._state = transition(self._state, "middleware_done")
+
+    def _end(
+        self, exc: BaseException | None, final: BaseException | None, setup_failed: bool
+    ) -> BaseException | None:
+        """Finish the lifecycle; returns the exception the ``with`` block must raise.
+
+        A failed setup always propagates: if middleware suppressed the setup error
+        there is still no context to run the block in, so the original error stands.
+        """
+        if setup_failed and final is None:
+            final = exc
+        try:
+            self._teardown_hook(final)
+        except Exception as error:
+            self._record_teardown_error("_teardown_hook", error)
+        self._state = transition(self._state, "resources_done")
+        if self.data_manager.teardown_errors == "raise" and self._resource_exit_errors:
+            group = TeardownErrors(
+                f"{len(self._resource_exit_errors)} resource(s) failed to tear down",
+                [e for _, e, _ in self._resource_exit_errors if isinstance(e, Exception)],
+            )
+            group.__cause__ = final
+            final = group
+        suppressed = exc if exc is not None and final is None else None
+        try:
+            if self._telemetry is not None:
+                self._telemetry.finish(final, suppressed)
+                self._telemetry = None
+        finally:
+            self._final_hook(final)
+            token, self._token = self._token, None
+            if token is not None:
+                try:
+                    _active.reset(token)
+                except ValueError:  # exited in another thread/task than it was entered
+                    _active.set(self._outer)
+            self._outer = None
+        return final
+
+    def _start_middleware(self, position: int, middleware: Any) -> tuple[GeneratorRecord, Any]:
+        name = _callable_name(middleware)
+        telemetry = self._telemetry
+        scope = (
+            telemetry.step_started("middleware", "setup", name, position)
+            if telemetry is not None
+            else None
+        )
+        try:
+            gen = middleware(self)
+        except BaseException as error:
+            if telemetry is not None:
+                telemetry.step_finished(scope, Outcome.RAISED, error, None)  # type: ignore[arg-type]
+            raise
+        is_async = inspect.isasyncgen(gen)
+        rec = GeneratorRecord("middleware", name, position, gen, is_async)
+        if is_async and not self._is_async:
+            error = MiddlewareSetupException(
+                f"Middleware {name!r} is an async generator: enter the context with "
+                f"`async with dm.context()` (or register a sync generator)."
+            )
+            if telemetry is not None:
+                telemetry.step_finished(scope, Outcome.RAISED, error, None)  # type: ignore[arg-type]
+            raise error
+        if not is_async and not inspect.isgenerator(gen):
+            error = MiddlewareSetupException(
+                f"Middleware {name!r} returned {type(gen).__name__}, not a generator: "
+                f"middleware must be a generator function that yields once."
+            )
+            if telemetry is not None:
+                telemetry.step_finished(scope, Outcome.RAISED, error, None)  # type: ignore[arg-type]
+            raise error
+        return rec, scope
+
+    def _finish_middleware_setup(
+        self, rec: GeneratorRecord, scope: Any, outcome: Outcome, value: Any
+    ) -> None:
+        error: BaseException | None = None
+        if outcome is Outcome.YIELDED:
+            self._middleware_stack.append(rec)
+        elif outcome is Outcome.RETURNED:
+            error = MiddlewareSetupException(f"Middleware {rec.name} did not yield on setup.")
+        else:
+            error = value
+        if self._telemetry is not None:
+            self._telemetry.step_finished(scope, outcome, error, None)
+        if error is not None:
+            raise error
+
+    def _resource_state_message(self, name: str) -> str:
+        state = self._state
+        if state is State.CREATED:
+            return (
+                f"Cannot use resource {name!r}: the context is in state 'created' "
+                f"(not entered yet); use it inside `with dm.context() as ctx:`."
+            )
+        return (
+            f"Cannot use resource {name!r}: the context is in state '{state.value}'; "
+            f"resources can only be used while the context is active. "
+            f"Open a new context with dm.context()."
+        )
+
+    def _async_misuse(self, name: str) -> ResourceException:
+        return ResourceException(
+            f"Resource {name!r} is an async generator; create it with "
+            f"`await ctx.aresource({name!r})` inside `async with dm.context()`."
+        )
+
+    def _start_resource(self, name: str) -> tuple[GeneratorRecord, Any]:
+        if self._state not in RESOURCE_CREATE_STATES:
+            raise ContextStateError(
+                f"Cannot create resource {name!r}: the context is in state "
+                f"'{self._state.value}' and resources are being torn down; create it "
+                f"earlier (during setup, in the block, or in middleware teardown)."
+            )
+        factory = self.data_manager.get_resource(name)
+        if factory is None:
+            known = ", ".join(sorted(self.data_manager._resource_manager)) or "none"
+            raise UnknownResourceError(
+                f'No resource named "{name}" for context (registered: {known}). '
+                f"Register it with dm.register_resources({name}=...)."
+            )
+        if name in self._creating:
+            raise ResourceException(
+                f"Resource {name!r} asked for itself while setting up (a cycle)."
+            )
+        telemetry = self._telemetry
+        position = len(self._resource_stack)
+        scope = (
+            telemetry.step_started(
+                "resource", "setup", name, position,
+                getattr(factory, "telemetry_attributes", None),
+            )  # fmt: skip
+            if telemetry is not None
+            else None
+        )
+        try:
+            gen = factory(self)
+        except BaseException as error:
+            if telemetry is not None:
+                telemetry.step_finished(scope, Outcome.RAISED, error, None)  # type: ignore[arg-type]
+            raise
+        is_async = inspect.isasyncgen(gen)
+        if is_async and not self._is_async:
+            error = self._async_misuse(name)
+            if telemetry is not None:
+                telemetry.step_finished(scope, Outcome.RAISED, error, None)  # type: ignore[arg-type]
+            raise error
+        if not is_async and not inspect.isgenerator(gen):
+            error = ResourceSetupException(
+                f"Resource {name!r} returned {type(gen).__name__}, not a generator: "
+                f"resources must be generator callables that yield once."
+            )
+            if telemetry is not None:
+                telemetry.step_finished(scope, Outcome.RAISED, error, None)  # type: ignore[arg-type]
+            raise error
+        self._creating.add(name)
+        return GeneratorRecord("resource", name, position, gen, is_async), scope
+
+    def _finish_resource(
+        self, rec: GeneratorRecord, scope: Any, outcome: Outcome, value: Any
+    ) -> Any:
+        error: BaseException | None = None
+        if outcome is Outcome.YIELDED:
+            self._resources[rec.name] = value
+            self._resource_stack.append(rec)
+        elif outcome is Outcome.RETURNED:
+            error = ResourceSetupException(f"Resource {rec.name} did not yield on setup.")
+        else:
+            error = value
+        if self._telemetry is not None:
+            self._telemetry.step_finished(scope, outcome, error, None)
+        if error is not None:
+            raise error
+        return value
+
+    def _start_teardown(self, rec: GeneratorRecord) -> Any:
+        telemetry = self._telemetry
+        if telemetry is None:
+            return None
+        attributes = None
+        if rec.kind == "resource":
+            factory = self.data_manager.get_resource(rec.name)
+            attributes = getattr(factory, "telemetry_attributes", None)
+        return telemetry.step_started(rec.kind, "teardown", rec.name, rec.position, attributes)
+
+    def _finish_teardown(
+        self,
+        rec: GeneratorRecord,
+        scope: Any,
+        seen: BaseException | None,
+        outcome: Outcome,
+        value: Any,
+    ) -> StepResult:
+        error: BaseException | None = None
+        if outcome is Outcome.YIELDED:
+            error = twice_yielded(rec)
+        elif outcome is Outcome.RAISED or outcome is Outcome.PROPAGATED:
+            error = value
+        if self._telemetry is not None:
+            self._telemetry.step_finished(scope, outcome, error, seen)
+        if rec.kind == "resource":
+            self._resources.pop(rec.name, None)
+            if error is not None and outcome is not Outcome.PROPAGATED:
+                self._record_teardown_error(rec.name, error)
+        return StepResult(outcome, error)
+
+    def _record_teardown_error(self, resource: str, error: BaseException) -> None:
+        self._resource_exit_errors.append((type(error), error, error.__traceback__))
+        if self._telemetry is not None:
+            self._telemetry.teardown_error(resource, error)
+        else:
+            self.data_manager._telemetry.record_idle_teardown_error(self, resource, error)
+
+    # ------------------------------------------------------ hooks (polydatum 0.9.1)
+
+    def _setup_hook(self) -> None:
+        """Override to run code when the context starts, before middleware setup."""
+
+    def _teardown_hook(self, exception: BaseException | None) -> None:
+        """Override to run code after middleware teardown, before resources tear down."""
+
+    def _final_hook(self, exception: BaseException | None) -> None:
+        """Override to run code at the very end of the context."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self._id or hex(id(self))} {self._state.value}>"
+

@@ -1,0 +1,575 @@
+"""The DataManager (the registry) and the DataAccessLayer (the way into services)."""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Literal
+
+from polydatum.context import DataAccessContext, _active, get_active_context
+from polydatum.errors import (
+    AlreadyExistsException,
+    DalMethodError,
+    InvalidMiddleware,
+    NoActiveContextError,
+    RegistrationError,
+    ValidationError,
+)
+from polydatum.meta import Meta
+from polydatum.middleware import (
+    DalCommand,
+    DalCommandRequest,
+    PathSegment,
+    Resolved,
+    dal_method_resolver_middleware,
+    handle_dal_method,
+    is_async_callable,
+    resolve_path,
+)
+from polydatum.resources import ResourceManager, is_generator
+from polydatum.telemetry import Telemetry, error_type
+
+if TYPE_CHECKING:
+    from opentelemetry.metrics import MeterProvider
+    from opentelemetry.trace import TracerProvider
+
+    from polydatum.services import Service
+
+MethodMiddleware = Callable[[DalCommandRequest, Callable[[DalCommandRequest], Any]], Any]
+
+
+def _no_context() -> NoActiveContextError:
+    return NoActiveContextError(
+        "A DataAccessContext must be started to access the DAL: "
+        "use `with dm.dal() as dal:` or `with dm.context() as ctx:`."
+    )
+
+
+class DataAccessLayer:
+    """Gives access to a DataManager's services: ``dal.users.profile.get(7)``.
+
+    ``middleware`` are method middleware ``mw(request, handler)``, outermost first
+    (a class is instantiated); ``default_middleware`` run innermost (by default the
+    resolver) and ``handler`` calls the resolved method.
+    """
+
+    def __init__(
+        self,
+        data_manager: DataManager | None,
+        middleware: Iterable[Any] | None = None,
+        default_middleware: Iterable[Any] | None = (dal_method_resolver_middleware,),
+        handler: Callable[[DalCommandRequest], Any] = handle_dal_method,
+    ) -> None:
+        self._services: dict[str, Service] = {}
+        self._data_manager = data_manager
+        self._resolved: dict[tuple[str, ...], Resolved] = {}
+        self._base_handler = handler
+        self._default_middleware = [self._check(m) for m in (default_middleware or ())]
+        self._middleware: list[Any] = []
+        self._handler: Callable[[DalCommandRequest], Any] = handler
+        self._ahandler: Callable[[DalCommandRequest], Any] = handler
+        self.add_middleware(*(middleware or ()))
+
+    @staticmethod
+    def _check(middleware: Any) -> Any:
+        if inspect.isclass(middleware):
+            middleware = middleware()
+        if not callable(middleware):
+            raise InvalidMiddleware(
+                f"{middleware!r} is not a valid method middleware: it must be a callable "
+                f"mw(request, handler)."
+            )
+        return middleware
+
+    def add_middleware(self, *middleware: Any) -> None:
+        """Append method middleware (inside those already added) and rebuild the chain."""
+        checked = [self._check(m) for m in middleware]
+        self._middleware.extend(checked)
+        chain = [*self._middleware, *self._default_middleware]
+        handler: Callable[[DalCommandRequest], Any] = self._base_handler
+        for m in reversed(chain):
+            handler = partial(m, handler=handler)
+        self._handler = handler
+
+        async def innermost(request: DalCommandRequest) -> Any:
+            result = self._base_handler(request)
+            if inspect.isawaitable(result):
+                result = await result
+            return result
+
+        ahandler: Callable[[DalCommandRequest], Any] = innermost
+        for m in reversed(chain):
+            ahandler = _async_link(m, ahandler)
+        self._ahandler = ahandler
+
+    @property
+    def method_middleware(self) -> list[Any]:
+        """The method middleware in call order (outermost first), defaults included."""
+        return [*self._middleware, *self._default_middleware]
+
+    # -- services -------------------------------------------------------------------
+
+    def register_services(self, **services: Service) -> DataAccessLayer:
+        """Register services; ``AlreadyExistsException`` for a name already taken."""
+        for key in services:
+            if key in self._services:
+                raise AlreadyExistsException(
+                    f"A Service for {key} is already registered; "
+                    f"use replace_service({key!r}, ...) to override it."
+                )
+        for key, service in services.items():
+            self._init_service(key, service)
+        return self
+
+    def replace_service(self, key: str, service: Service) -> Service:
+        """Register ``service`` under ``key``, replacing any existing one (tests, variants)."""
+        return self._init_service(key, service)
+
+    def _init_service(self, key: str, service: Service) -> Service:
+        setup = getattr(service, "setup", None)
+        if not callable(setup):
+            raise RegistrationError(
+                f"Service {key}={service!r} must be a polydatum.Service "
+                f"(it has no setup() method)."
+            )
+        setup(self._data_manager)
+        self._services[key] = service
+        self._resolved.clear()
+        return service
+
+    @property
+    def services(self) -> dict[str, Service]:
+        """The registered top-level services (a copy)."""
+        return dict(self._services)
+
+    # -- calling ------------------------------------------------------------------
+
+    def _resolve(self, names: tuple[str, ...]) -> Resolved:
+        try:
+            return self._resolved[names]
+        except KeyError:
+            pass
+        except TypeError:  # unhashable names from a hostile caller
+            raise DalMethodError(tuple(PathSegment(str(n)) for n in names), "bad path") from None
+        resolved = resolve_path(self._services, names)
+        if len(self._resolved) < 10_000:
+            self._resolved[names] = resolved
+        return resolved
+
+    def _call(self, path: tuple[PathSegment, ...], *args: Any, **kwargs: Any) -> Any:
+        ctx = _active.get()
+        if ctx is None:
+            raise _no_context()
+        request = DalCommandRequest(ctx, path, args, kwargs)
+        try:
+            resolved: Resolved | None = self._resolve(tuple(p.name for p in path))
+        except DalMethodError:
+            resolved = None  # middleware may still handle it; the resolver raises otherwise
+        if resolved is not None:
+            request.dal_method = getattr(resolved.service, resolved.method)
+            request._resolved_path = path
+            if resolved.is_async:
+                return self._acall(request, resolved)
+        telemetry = ctx._telemetry
+        if telemetry is None or resolved is None:
+            return self._handler(request)
+        step = telemetry.call_started(resolved.path, resolved.function)
+        try:
+            result = self._handler(request)
+        except BaseException as error:
+            telemetry.call_finished(step, error)
+            raise
+        telemetry.call_finished(step, None)
+        return result
+
+    async def _acall(self, request: DalCommandRequest, resolved: Resolved) -> Any:
+        telemetry = request.ctx._telemetry
+        if telemetry is None:
+            return await self._ahandler(request)
+        step = telemetry.call_started(resolved.path, resolved.function)
+        try:
+            result = await self._ahandler(request)
+        except BaseException as error:
+            telemetry.call_finished(step, error)
+            raise
+        telemetry.call_finished(step, None)
+        return result
+
+    def __getattr__(self, name: str) -> DalCommand:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        if _active.get() is None:
+            raise _no_context()
+        return DalCommand(self._call, (PathSegment(name),))
+
+    def __getitem__(self, path: str) -> DalCommand:
+        """A command from a dotted path (``dal['users.profile.get']``); a leading ``dal.``
+        is ignored. Resolution (and any DalMethodError) happens when it is called."""
+        if not isinstance(path, str):
+            raise DalMethodError((PathSegment(repr(path)),), "a DAL path is a dotted string")
+        names = path.split(".")
+        if names and names[0] == "dal":
+            names = names[1:]
+        return DalCommand(self._call, tuple(PathSegment(n) for n in names))
+
+
+def _async_link(middleware: Any, inner: Callable[[DalCommandRequest], Any]) -> Any:
+    async def link(request: DalCommandRequest) -> Any:
+        result = middleware(request, inner)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+    return link
+
+
+@dataclass(frozen=True, slots=True)
+class PingResult:
+    """The outcome of one resource health ping."""
+
+    resource: str
+    ok: bool
+    duration_s: float
+    error: str | None = None
+
+
+class _DalScope:
+    """What ``dm.dal()`` returns: a context manager (sync or async) yielding the DAL."""
+
+    __slots__ = ("_ctx",)
+
+    def __init__(self, ctx: DataAccessContext) -> None:
+        self._ctx = ctx
+
+    def __enter__(self) -> DataAccessLayer:
+        return self._ctx.__enter__().dal
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        return self._ctx.__exit__(exc_type, exc, tb)
+
+    async def __aenter__(self) -> DataAccessLayer:
+        return (await self._ctx.__aenter__()).dal
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        return await self._ctx.__aexit__(exc_type, exc, tb)
+
+
+class DataManager:
+    """The registry of services, resources and middleware; one per process, usually.
+
+    Telemetry options (all keyword-only, all optional):
+
+    * ``tracer_provider`` / ``meter_provider``: where spans and metrics go (default:
+      the global providers; nothing is recorded while none is configured);
+    * ``meta_attributes``: the Meta keys that may be recorded on spans and logs
+      (secret-looking keys are redacted even when listed);
+    * ``teardown_errors``: ``"record"`` (default, as polydatum 0.9.1: suppressed and
+      recorded) or ``"raise"`` (raise them as a ``TeardownErrors`` group at context
+      exit -- for test suites);
+    * ``method_middleware``: method middleware, outermost first.
+    """
+
+    DataAccessLayer = DataAccessLayer
+    Context = DataAccessContext
+
+    def __init__(
+        self,
+        resource_manager: ResourceManager | None = None,
+        *,
+        tracer_provider: TracerProvider | None = None,
+        meter_provider: MeterProvider | None = None,
+        meta_attributes: Iterable[str] = (),
+        teardown_errors: Literal["record", "raise"] = "record",
+        method_middleware: Sequence[Any] = (),
+    ) -> None:
+        if teardown_errors not in ("record", "raise"):
+            raise ValueError(
+                f"teardown_errors must be 'record' or 'raise', not {teardown_errors!r}"
+            )
+        self._resource_manager = resource_manager or ResourceManager(self)
+        self._middleware: list[Any] = []
+        self._telemetry = Telemetry(tracer_provider, meter_provider, meta_attributes)
+        self.teardown_errors = teardown_errors
+        self._dal = self.DataAccessLayer(self, middleware=list(method_middleware))
+
+    # -- registration ---------------------------------------------------------------
+
+    def register_context_middleware(self, *middleware: Any) -> None:
+        """Register context middleware, in order of execution (setup order)."""
+        for m in middleware:
+            if not is_generator(m):
+                raise RegistrationError(
+                    f"Middleware {m!r} must be a Python generator callable "
+                    f"(a function that yields once, or an object whose __call__ does)."
+                )
+        self._middleware.extend(middleware)
+
+    def register_method_middleware(self, *middleware: Any) -> None:
+        """Register method middleware ``mw(request, handler)``, outermost first."""
+        self._dal.add_middleware(*middleware)
+
+    def get_middleware(self, context: DataAccessContext) -> list[Any]:
+        """All context middleware in order of execution; override to vary per context."""
+        return self._middleware
+
+    def register_resources(self, **resources: Callable[..., Any]) -> None:
+        """Register resources (generator callables), created lazily per context."""
+        self._resource_manager.register_resources(**resources)
+
+    def replace_resource(self, key: str, resource: Callable[..., Any]) -> None:
+        """Replace (or add) a resource."""
+        self._resource_manager.replace_resource(key, resource)
+
+    def register_services(self, **services: Service) -> None:
+        """Register services with the DAL."""
+        self._dal.register_services(**services)
+
+    def replace_service(self, key: str, service: Service) -> None:
+        """Replace (or add) a service."""
+        self._dal.replace_service(key, service)
+
+    def get_resource(self, name: str) -> Callable[..., Any] | None:
+        """The registered resource callable named ``name``, or ``None``."""
+        return self._resource_manager.get(name)
+
+    def get_dal(self) -> DataAccessLayer:
+        return self._dal
+
+    # -- contexts ---------------------------------------------------------------------
+
+    def context(self, meta: Meta | dict[str, Any] | None = None) -> DataAccessContext:
+        """A new (not yet entered) context; use ``with`` or ``async with``."""
+        return self.Context(self, meta=meta)
+
+    def dal(self, meta: Meta | dict[str, Any] | None = None) -> _DalScope:
+        """Start a context and give the DAL: ``with dm.dal() as dal:`` (or ``async with``)."""
+        return _DalScope(self.context(meta=meta))
+
+    def get_active_context(self) -> DataAccessContext | None:
+        """The active context in this thread / task, or ``None``."""
+        return get_active_context()
+
+    def require_active_context(self) -> DataAccessContext:
+        """The active context; ``RuntimeError`` when none is active."""
+        ctx = get_active_context()
+        if ctx is None:
+            raise _no_context()
+        return ctx
+
+    # -- validation and health ---------------------------------------------------------
+
+    def validate(self, *, raise_on_error: bool = True) -> list[str]:
+        """Check the whole registration and report *every* problem at once.
+
+        Raises :class:`~polydatum.errors.ValidationError` listing them (or returns
+        the list when ``raise_on_error`` is false). Call it at startup.
+        """
+        problems: list[str] = []
+        context_attrs = set(dir(DataAccessContext)) | {"data_manager", "dal", "meta"}
+        dal_attrs = set(dir(type(self._dal)))
+        for position, m in enumerate(self._middleware):
+            if not is_generator(m):
+                problems.append(
+                    f"context middleware #{position} {m!r} is not a generator callable"
+                )
+        for name, resource in self._resource_manager.items():
+            if not is_generator(resource):
+                problems.append(f"resource {name!r} is not a generator callable")
+            if name.startswith("_") or not name.isidentifier():
+                problems.append(
+                    f"resource {name!r} is not a public identifier: ctx.{name} cannot reach it"
+                )
+            elif name in context_attrs:
+                problems.append(
+                    f"resource {name!r} collides with DataAccessContext.{name}: "
+                    f"ctx.{name} returns the attribute, not the resource; rename it"
+                )
+            ping = getattr(resource, "ping", None)
+            if ping is not None and not callable(ping):
+                problems.append(f"resource {name!r} has a ping attribute that is not callable")
+        for m in self._dal.method_middleware:
+            if not callable(m):
+                problems.append(f"method middleware {m!r} is not callable")
+
+        from polydatum.services import Service
+
+        def walk(prefix: str, services: dict[str, Any], reserved: set[str]) -> None:
+            for name, service in services.items():
+                path = f"{prefix}{name}"
+                if name.startswith("_") or not name.isidentifier():
+                    problems.append(
+                        f"service {path!r} is not a public identifier: the DAL cannot reach it"
+                    )
+                elif name in reserved:
+                    problems.append(
+                        f"service {path!r} collides with an attribute of the same name "
+                        f"on its parent; dal.{path} would not reach it; rename it"
+                    )
+                if not isinstance(service, Service):
+                    problems.append(f"service {path!r} is {type(service).__name__}, not a Service")
+                    continue
+                if service.__dict__.get("_data_manager") is not self:
+                    problems.append(
+                        f"service {path!r} is bound to another DataManager "
+                        f"(it was registered elsewhere after this one)"
+                    )
+                walk(
+                    f"{path}.",
+                    service.__dict__.get("_services") or {},
+                    set(dir(type(service))),
+                )
+
+        walk("", self._dal._services, dal_attrs)
+        if problems and raise_on_error:
+            raise ValidationError(problems)
+        return problems
+
+    def _pings(self) -> list[tuple[str, Callable[[], Any]]]:
+        pings = []
+        for name, resource in self._resource_manager.items():
+            ping = getattr(resource, "ping", None)
+            if callable(ping):
+                pings.append((name, ping))
+        return pings
+
+    def ping(self) -> dict[str, PingResult]:
+        """Run every resource's health ``ping()``; one traced span per resource.
+
+        Returns ``{resource name: PingResult}``; never raises for a failed ping.
+        """
+        return {name: self._ping_one(name, ping, None) for name, ping in self._pings()}
+
+    async def aping(self) -> dict[str, PingResult]:
+        """Async :meth:`ping`: coroutine pings are awaited."""
+        results = {}
+        for name, ping in self._pings():
+            results[name] = await self._aping_one(name, ping)
+        return results
+
+    def _ping_span(self, name: str) -> Any:
+        tracer = self._telemetry.tracer()
+        if tracer is None:
+            return None
+        return tracer.start_span(
+            f"polydatum.resource.ping {name}", attributes={"polydatum.resource.name": name}
+        )
+
+    def _ping_done(
+        self, name: str, span: Any, t0: float, error: BaseException | None
+    ) -> PingResult:
+        duration = time.perf_counter() - t0
+        if span is not None:
+            if error is not None:
+                from opentelemetry.trace import Status, StatusCode
+
+                span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+                span.set_attribute("error.type", error_type(error))
+                span.record_exception(error)
+            span.end()
+        if error is None:
+            return PingResult(name, True, duration)
+        return PingResult(name, False, duration, f"{error_type(error)}: {error}")
+
+    def _ping_one(self, name: str, ping: Callable[[], Any], _: None) -> PingResult:
+        span = self._ping_span(name)
+        t0 = time.perf_counter()
+        try:
+            result = ping()
+            if inspect.isawaitable(result):
+                close = getattr(result, "close", None)
+                if close is not None:
+                    close()
+                raise TypeError(f"ping of {name!r} is async: use `await dm.aping()`")
+        except Exception as error:
+            return self._ping_done(name, span, t0, error)
+        return self._ping_done(name, span, t0, None)
+
+    async def _aping_one(self, name: str, ping: Callable[[], Any]) -> PingResult:
+        span = self._ping_span(name)
+        t0 = time.perf_counter()
+        try:
+            result = ping()
+            if inspect.isawaitable(result):
+                await result
+        except Exception as error:
+            return self._ping_done(name, span, t0, error)
+        return self._ping_done(name, span, t0, None)
+
+    # -- introspection ----------------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        """A plain description of the registration (used by ``polydatum inspect``)."""
+        from polydatum.services import Service
+
+        def methods(service: Any) -> list[str]:
+            names = []
+            subs = service.__dict__.get("_services") or {}
+            for attr in dir(type(service)):
+                if attr.startswith("_") or attr in subs:
+                    continue
+                if attr in dir(Service) and attr not in type(service).__dict__:
+                    continue
+                static = inspect.getattr_static(type(service), attr)
+                if isinstance(static, property):
+                    continue
+                if callable(getattr(service, attr, None)):
+                    names.append(attr)
+            return names
+
+        def tree(services: dict[str, Any]) -> dict[str, Any]:
+            return {
+                name: {
+                    "class": f"{type(s).__module__}.{type(s).__qualname__}",
+                    "methods": methods(s),
+                    "services": tree(s.__dict__.get("_services") or {}),
+                }
+                for name, s in services.items()
+            }
+
+        def label(obj: Any) -> str:
+            name = getattr(obj, "__qualname__", None) or type(obj).__qualname__
+            module = getattr(obj, "__module__", None) or type(obj).__module__
+            kind = "async generator" if inspect.isasyncgenfunction(obj) or (
+                inspect.isasyncgenfunction(getattr(obj, "__call__", None))  # noqa: B004
+            ) else "generator"
+            return f"{module}.{name} ({kind})"
+
+        middleware = [label(m) for m in self._middleware]
+        return {
+            "services": tree(self._dal._services),
+            "resources": {
+                name: {
+                    "callable": label(r),
+                    "ping": callable(getattr(r, "ping", None)),
+                    "attributes": dict(getattr(r, "telemetry_attributes", None) or {}),
+                }
+                for name, r in self._resource_manager.items()
+            },
+            "context_middleware": {
+                "setup_order": middleware,
+                "teardown_order": list(reversed(middleware)),
+            },
+            "method_middleware": [
+                getattr(m, "__qualname__", None) or type(m).__qualname__
+                for m in self._dal.method_middleware
+            ],
+        }
+
+
+def is_async_middleware(middleware: Any) -> bool:
+    """Whether a method middleware is ``async def``."""
+    return is_async_callable(middleware)

@@ -1,0 +1,129 @@
+"""Exceptions raised by polydatum.
+
+The names and the hierarchy are those of polydatum 0.9.1 (plus 1.0's
+``DalMethodError`` and ``InvalidMiddleware``) so that ``except`` clauses in
+existing applications keep matching. New exceptions subclass the old ones (or a
+built-in the old code raised) so they are caught where the old ones were.
+"""
+
+from __future__ import annotations
+
+
+class PolydatumException(Exception):
+    """Base class of every error polydatum raises on purpose."""
+
+
+class ServiceError(PolydatumException):
+    """A service failed; ``code`` is an HTTP-like status an integration may use."""
+
+    code = 500
+
+
+class NotFound(ServiceError):
+    """The thing a service was asked for does not exist."""
+
+    code = 404
+
+
+class AlreadyExistsException(PolydatumException):
+    """A service, resource or middleware is already registered under that name.
+
+    Use ``DataManager.replace_service`` / ``replace_resource`` to override on purpose.
+    """
+
+
+class RegistrationError(PolydatumException, TypeError):
+    """Something passed to a ``register_*`` call cannot be used.
+
+    A ``TypeError`` too, because the value has the wrong kind (0.9.1 raised a
+    bare ``Exception``; catching ``Exception`` still works).
+    """
+
+
+class InvalidMiddleware(RegistrationError):
+    """A method middleware is not a callable ``mw(request, handler)`` (polydatum 1.0)."""
+
+
+class ValidationError(PolydatumException):
+    """``DataManager.validate()`` found problems; ``problems`` lists every one."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{len(self.problems)} problem(s) in the DataManager registration:\n{lines}")
+
+
+class MiddlewareException(PolydatumException):
+    """Base class of context-middleware errors."""
+
+
+class MiddlewareSetupException(MiddlewareException):
+    """A context middleware returned without yielding during setup."""
+
+
+class ResourceException(PolydatumException):
+    """Base class of resource errors."""
+
+
+class ResourceSetupException(ResourceException):
+    """A resource generator returned without yielding during setup."""
+
+
+class UnknownResourceError(ResourceException, AttributeError):
+    """No resource is registered under the name asked for.
+
+    An ``AttributeError`` because ``ctx.name`` is attribute access (as in 0.9.1),
+    so ``hasattr(ctx, "name")`` and ``getattr(ctx, "name", None)`` keep working.
+    """
+
+
+class ContextStateError(PolydatumException, RuntimeError):
+    """The context was used in a state that does not allow it.
+
+    A ``RuntimeError``, which is what 0.9.1 raised in these cases. The message
+    names the state and says what to do instead.
+    """
+
+
+class NoActiveContextError(PolydatumException, RuntimeError, AssertionError):
+    """The DAL or ``Service._ctx`` was used with no context active.
+
+    0.9.1 raised ``AssertionError`` from the DAL and ``RuntimeError`` from
+    ``Service._ctx``; this error is both so that old ``except`` clauses match.
+    """
+
+
+class DalMethodError(PolydatumException, AttributeError):
+    """A DAL path does not resolve to a public service method (polydatum 1.0).
+
+    ``path`` holds the path segments that were asked for.
+    """
+
+    def __init__(self, path: tuple[object, ...] | None = None, reason: str = "") -> None:
+        self.path = tuple(path or ())
+        dotted = ".".join(str(getattr(p, "name", p)) for p in self.path)
+        message = f"Invalid dal method: {dotted}"
+        if reason:
+            message = f"{message} ({reason})"
+        super().__init__(message)
+
+
+class ErrorsOnClose(PolydatumException):
+    """Deprecated since 0.8.4 (resource exit errors are suppressed); kept for imports."""
+
+    def __init__(self, message: str, exceptions: list[BaseException]) -> None:
+        super().__init__(message)
+        self.message = message
+        self.exceptions = exceptions
+
+    def __str__(self) -> str:
+        return f"<{type(self).__name__} {self.message}: {self.exceptions}>"
+
+
+class TeardownErrors(ExceptionGroup[Exception]):
+    """Raised at context exit under the strict teardown policy.
+
+    Groups every error a resource raised while tearing down (normally these are
+    suppressed and recorded). When the context also failed, that error is the
+    ``__cause__``.
+    """

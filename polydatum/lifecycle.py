@@ -1,0 +1,323 @@
+"""The context lifecycle: its states, its legal transitions, and how generators are driven.
+
+Everything a :class:`~polydatum.context.DataAccessContext` does between ``with`` and
+the end of the block is a step of this module's state machine:
+
+============================  =================  ===========================
+state                         event              next state
+============================  =================  ===========================
+``created``                   ``enter``          ``setting_up``
+``setting_up``                ``setup_done``     ``active``
+``setting_up``                ``setup_failed``   ``tearing_down_middleware``
+``active``                    ``exit``           ``tearing_down_middleware``
+``tearing_down_middleware``   ``middleware_done`` ``tearing_down_resources``
+``tearing_down_resources``    ``resources_done`` ``exited``
+============================  =================  ===========================
+
+The table is :data:`TRANSITIONS`; :func:`transition` is the one place a state changes,
+and it refuses anything not in the table with an error naming the state and what to
+do. Resources may be *created* while setting up, active or tearing down middleware
+(middleware teardown may need one), and *used* until resources are torn down
+(:data:`RESOURCE_CREATE_STATES`, :data:`RESOURCE_USE_STATES`).
+
+Generators (middleware and resources) are driven one step at a time by
+:func:`drive` / :func:`adrive`, each inside the generator's own
+:class:`contextvars.Context`, so that whatever a generator sets (a contextvar, an
+OpenTelemetry current span) never leaks into the caller. The outcome of a step is
+classified into an :class:`Outcome`; what the outcome *means* (suppression,
+replacement, a recorded teardown error) is decided by
+:meth:`polydatum.context.DataAccessContext` using :func:`teardown_plan`, which holds the
+exception semantics of DESIGN.md §2 in one generator shared by the sync and async
+paths. This module knows nothing of OpenTelemetry: telemetry is reached through the
+opaque ``scope`` objects a :class:`StepObserver` hands out.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import enum
+from collections.abc import AsyncGenerator, Awaitable, Callable, Generator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from polydatum.errors import ContextStateError
+
+
+class State(enum.Enum):
+    """The states of one context, in the order a successful context visits them."""
+
+    CREATED = "created"
+    SETTING_UP = "setting_up"
+    ACTIVE = "active"
+    TEARING_DOWN_MIDDLEWARE = "tearing_down_middleware"
+    TEARING_DOWN_RESOURCES = "tearing_down_resources"
+    EXITED = "exited"
+
+
+#: ``(state, event) -> next state``: every legal transition, and nothing else.
+TRANSITIONS: dict[tuple[State, str], State] = {
+    (State.CREATED, "enter"): State.SETTING_UP,
+    (State.SETTING_UP, "setup_done"): State.ACTIVE,
+    (State.SETTING_UP, "setup_failed"): State.TEARING_DOWN_MIDDLEWARE,
+    (State.ACTIVE, "exit"): State.TEARING_DOWN_MIDDLEWARE,
+    (State.TEARING_DOWN_MIDDLEWARE, "middleware_done"): State.TEARING_DOWN_RESOURCES,
+    (State.TEARING_DOWN_RESOURCES, "resources_done"): State.EXITED,
+}
+
+#: States in which a resource not yet created may be set up on first access.
+RESOURCE_CREATE_STATES = frozenset(
+    {State.SETTING_UP, State.ACTIVE, State.TEARING_DOWN_MIDDLEWARE}
+)
+#: States in which an already-created resource may be used.
+RESOURCE_USE_STATES = RESOURCE_CREATE_STATES | {State.TEARING_DOWN_RESOURCES}
+
+_ADVICE: dict[tuple[State, str], str] = {
+    (State.ACTIVE, "enter"): "a context is single-use and this one is already entered; "
+    "call dm.context() again for a new one",
+    (State.SETTING_UP, "enter"): "a context is single-use and this one is already entered; "
+    "call dm.context() again for a new one",
+    (State.EXITED, "enter"): "a context is single-use; call dm.context() again for a new one",
+    (State.CREATED, "exit"): "it was never entered; use `with dm.context() as ctx:` "
+    "(or `async with`) so that enter and exit pair up",
+    (State.EXITED, "exit"): "it has already exited; exit a context exactly once",
+}
+
+
+def transition(state: State, event: str) -> State:
+    """Return the state after ``event``; :class:`ContextStateError` if the table forbids it."""
+    try:
+        return TRANSITIONS[(state, event)]
+    except KeyError:
+        advice = _ADVICE.get((state, event))
+        if advice is None:
+            allowed = sorted(e for (s, e) in TRANSITIONS if s is state) or ["none"]
+            advice = f"events allowed in this state: {', '.join(allowed)}"
+        raise ContextStateError(
+            f"Cannot {event.replace('_', ' ')} a context in state '{state.value}': {advice}."
+        ) from None
+
+
+class Outcome(enum.Enum):
+    """What one step of a generator did."""
+
+    YIELDED = "yielded"  # produced a value (setup ok, or a second yield on teardown)
+    RETURNED = "returned"  # finished without an exception (never yielded, or clean teardown)
+    SUPPRESSED = "suppressed"  # an exception was thrown in and the generator returned
+    PROPAGATED = "propagated"  # the exception thrown in came back out unchanged
+    RAISED = "raised"  # the generator raised an exception of its own
+
+
+class StepScope(Protocol):
+    """What the telemetry layer hands out for one step; entered inside the generator's context."""
+
+    def enter(self) -> None: ...
+
+    def leave(self) -> None: ...
+
+
+@dataclass(slots=True)
+class GeneratorRecord:
+    """A middleware or resource generator in flight, with the context it runs in."""
+
+    kind: str  # "middleware" or "resource"
+    name: str
+    position: int
+    gen: Any  # Generator or AsyncGenerator
+    is_async: bool
+    cv: contextvars.Context = field(default_factory=contextvars.copy_context)
+
+
+def _classify(exc: BaseException | None, raised: BaseException) -> Outcome:
+    if raised is exc:
+        return Outcome.PROPAGATED
+    if (
+        exc is not None
+        and isinstance(exc, StopIteration | StopAsyncIteration)
+        and isinstance(raised, RuntimeError)
+        and raised.__cause__ is exc
+    ):
+        # PEP 479 turned the StopIteration we threw in into a RuntimeError.
+        return Outcome.PROPAGATED
+    return Outcome.RAISED
+
+
+def _step_sync(
+    gen: Generator[Any, None, None], exc: BaseException | None, scope: StepScope | None
+) -> tuple[Outcome, Any]:
+    if scope is not None:
+        scope.enter()
+    try:
+        value = gen.send(None) if exc is None else gen.throw(exc)
+    except StopIteration:
+        return (Outcome.RETURNED if exc is None else Outcome.SUPPRESSED), None
+    except BaseException as raised:
+        return _classify(exc, raised), raised
+    finally:
+        if scope is not None:
+            scope.leave()
+    return Outcome.YIELDED, value
+
+
+def drive(
+    rec: GeneratorRecord, exc: BaseException | None, scope: StepScope | None
+) -> tuple[Outcome, Any]:
+    """Advance a sync generator one step (``next`` or ``throw(exc)``) in its own context.
+
+    Returns the outcome and the yielded value or the exception raised.
+    """
+    return rec.cv.run(_step_sync, rec.gen, exc, scope)
+
+
+async def _step_async(
+    agen: AsyncGenerator[Any, None], exc: BaseException | None, scope: StepScope | None
+) -> tuple[Outcome, Any]:
+    if scope is not None:
+        scope.enter()
+    try:
+        value = await (agen.asend(None) if exc is None else agen.athrow(exc))
+    except StopAsyncIteration:
+        return (Outcome.RETURNED if exc is None else Outcome.SUPPRESSED), None
+    except BaseException as raised:
+        return _classify(exc, raised), raised
+    finally:
+        if scope is not None:
+            scope.leave()
+    return Outcome.YIELDED, value
+
+
+class _RunIn:
+    """Await a coroutine with every resumption inside ``cv`` (no extra task needed)."""
+
+    __slots__ = ("coro", "cv")
+
+    def __init__(self, cv: contextvars.Context, coro: Any) -> None:
+        self.cv = cv
+        self.coro = coro
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro, cv = self.coro, self.cv
+        send: Any = None
+        thrown: BaseException | None = None
+        while True:
+            try:
+                if thrown is None:
+                    yielded = cv.run(coro.send, send)
+                else:
+                    yielded = cv.run(coro.throw, thrown)
+            except StopIteration as stop:
+                return stop.value
+            try:
+                send = yield yielded
+                thrown = None
+            except BaseException as error:  # cancellation and friends go into the coroutine
+                thrown = error
+
+
+async def adrive(
+    rec: GeneratorRecord, exc: BaseException | None, scope: StepScope | None
+) -> tuple[Outcome, Any]:
+    """Advance a generator one step; async generators are awaited in their own context."""
+    if not rec.is_async:
+        return drive(rec, exc, scope)
+    result: tuple[Outcome, Any] = await _RunIn(rec.cv, _step_async(rec.gen, exc, scope))
+    return result
+
+
+def close_quietly(rec: GeneratorRecord) -> BaseException | None:
+    """Close a sync generator that yielded when it should have finished."""
+    try:
+        rec.cv.run(rec.gen.close)
+    except BaseException as error:
+        return error
+    return None
+
+
+async def aclose_quietly(rec: GeneratorRecord) -> BaseException | None:
+    """Async twin of :func:`close_quietly`."""
+    if not rec.is_async:
+        return close_quietly(rec)
+    try:
+        await _RunIn(rec.cv, rec.gen.aclose())
+    except BaseException as error:
+        return error
+    return None
+
+
+@dataclass(slots=True)
+class TeardownStep:
+    """One teardown the plan asks the driver to perform."""
+
+    rec: GeneratorRecord
+    exc: BaseException | None
+
+
+@dataclass(slots=True)
+class StepResult:
+    """What the driver reports back to the plan for one teardown step."""
+
+    outcome: Outcome
+    error: BaseException | None  # the exception raised by the step, if any
+
+
+def twice_yielded(rec: GeneratorRecord) -> RuntimeError:
+    """The error for a generator that yielded again on teardown."""
+    return RuntimeError(
+        f"{rec.kind.capitalize()} {rec.name!r} yielded more than once; "
+        f"a {rec.kind} generator must yield exactly once."
+    )
+
+
+TeardownPlan = Generator[TeardownStep, StepResult, BaseException | None]
+
+
+def middleware_teardown_plan(
+    stack: list[GeneratorRecord], exc: BaseException | None
+) -> TeardownPlan:
+    """Tear middleware down, innermost first, threading the exception outward.
+
+    Each middleware sees the exception as it stands: it may suppress it (return from
+    its ``yield``), replace it (raise another) or let it through. Returns the exception
+    left at the end (``None`` when none, or when it was suppressed).
+    """
+    while stack:
+        rec = stack.pop()
+        result = yield TeardownStep(rec, exc)
+        if result.outcome is Outcome.SUPPRESSED:
+            exc = None
+        elif result.outcome is Outcome.RAISED:
+            exc = result.error
+        elif result.outcome is Outcome.YIELDED:
+            exc = result.error  # the driver turns a second yield into RuntimeError
+    return exc
+
+
+def resource_teardown_plan(
+    stack: list[GeneratorRecord], exc: BaseException | None
+) -> TeardownPlan:
+    """Tear resources down, most recently created first.
+
+    Every resource sees the same exception (``exc``); errors they raise are recorded
+    by the driver and never reach another resource or the caller.
+    """
+    while stack:
+        yield TeardownStep(stack.pop(), exc)
+    return None
+
+
+class StepObserver(Protocol):
+    """The lifecycle events the telemetry layer is told about (see :mod:`polydatum.telemetry`)."""
+
+    def step_started(
+        self, kind: str, phase: str, name: str, position: int
+    ) -> StepScope: ...
+
+    def step_finished(
+        self,
+        scope: StepScope,
+        outcome: Outcome,
+        error: BaseException | None,
+        seen: BaseException | None,
+    ) -> None: ...
+
+
+Callback = Callable[..., Awaitable[Any]]

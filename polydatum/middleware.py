@@ -1,0 +1,199 @@
+"""Method middleware (polydatum 1.0): callables wrapping every DAL call.
+
+``dal.users.profile.get(7)`` builds a :class:`DalCommand` (attribute access is
+deferred); calling it makes a :class:`DalCommandRequest` and runs it through the
+method middleware, outermost first, each one ``mw(request, handler)``: it may inspect
+or change ``request.args`` / ``request.kwargs``, short-circuit by returning without
+calling ``handler(request)``, or raise. The innermost default middleware resolves
+the path to a service method (:func:`dal_method_resolver_middleware`) and
+:func:`handle_dal_method` calls it.
+
+Only public methods of registered services are reachable: a path whose segment
+starts with ``_``, or that walks into anything but a sub-service, raises
+:class:`~polydatum.errors.DalMethodError`. DAL string paths may come from untrusted
+input (queued commands); they never reach attributes, resources or the DataManager.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from polydatum.errors import DalMethodError
+
+if TYPE_CHECKING:
+    from polydatum.context import DataAccessContext
+    from polydatum.services import Service
+
+__all__ = [
+    "DalCommand",
+    "DalCommandRequest",
+    "DalMethodError",
+    "PathSegment",
+    "dal_method_resolver_middleware",
+    "dal_resolver",
+    "handle_dal_method",
+]
+
+
+class PathSegment:
+    """One segment of a DAL path (``dal.users.profile.get`` has four... minus ``dal``)."""
+
+    __slots__ = ("meta", "name")
+
+    def __init__(self, name: str, **meta: Any) -> None:
+        self.name = name
+        self.meta = meta
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, PathSegment)
+            and self.name == other.name
+            and self.meta == other.meta
+        )
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    def __repr__(self) -> str:
+        return f"PathSegment(name={self.name!r})"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class DalCommandRequest:
+    """The mutable state of one DAL call, passed through the method middleware."""
+
+    __slots__ = ("_resolved_path", "args", "ctx", "dal_method", "kwargs", "path")
+
+    def __init__(
+        self,
+        ctx: DataAccessContext,
+        path: tuple[PathSegment, ...],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
+        self.ctx = ctx
+        self.path = path
+        self.args = args
+        self.kwargs = kwargs
+        self.dal_method: Callable[..., Any] | None = None
+        self._resolved_path: tuple[PathSegment, ...] | None = None
+
+    def __repr__(self) -> str:
+        return f"<DalCommandRequest {'.'.join(p.name for p in self.path)}>"
+
+
+class DalCommand:
+    """A deferred DAL path: attribute access extends it, calling it runs it.
+
+    Not bound to a context, so it can be stored and called later (inside a context).
+    """
+
+    PathSegment = PathSegment
+
+    __slots__ = ("_handler", "path")
+
+    def __init__(self, handler: Callable[..., Any], path: tuple[PathSegment, ...]) -> None:
+        self._handler = handler
+        self.path = path
+
+    def __getattr__(self, name: str) -> DalCommand:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return self.__class__(self._handler, (*self.path, self.PathSegment(name=name)))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._handler(self.path, *args, **kwargs)
+
+    def __str__(self) -> str:
+        return ".".join(p.name for p in self.path)
+
+    def __repr__(self) -> str:
+        return f"<DalCommand {self}>"
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """A DAL path resolved to a service method (cached per path by the DAL)."""
+
+    service: Service
+    method: str
+    path: str  # "users.profile.get": the span name and ``polydatum.service.path``
+    function: str  # ``code.function.name``: the method's qualified name
+    is_async: bool
+
+
+def resolve_path(services: Mapping[str, Service], names: tuple[str, ...]) -> Resolved:
+    """Resolve ``names`` to a public method of a registered service, or raise DalMethodError."""
+    path = tuple(PathSegment(n) for n in names)
+    if not names:
+        raise DalMethodError(path, "empty path")
+    for name in names:
+        if not isinstance(name, str) or not name or name.startswith("_"):
+            raise DalMethodError(path, "names starting with '_' are not reachable")
+    service = services.get(names[0])
+    if service is None:
+        raise DalMethodError(path, f"no service named {names[0]!r}")
+    for name in names[1:-1]:
+        subs = service.__dict__.get("_services") or {}
+        if name not in subs:
+            raise DalMethodError(path, f"{type(service).__name__} has no sub-service {name!r}")
+        service = subs[name]
+    if len(names) == 1:
+        raise DalMethodError(path, "a service, not a method")
+    method = names[-1]
+    subs = service.__dict__.get("_services") or {}
+    if method in subs:
+        raise DalMethodError(path, "a service, not a method")
+    static = inspect.getattr_static(type(service), method, None)
+    if static is None or isinstance(static, property) or not callable(
+        static.__func__ if isinstance(static, staticmethod | classmethod) else static
+    ):
+        raise DalMethodError(path, f"{type(service).__name__} has no public method {method!r}")
+    bound = getattr(service, method)
+    func = inspect.unwrap(bound)
+    qualname = getattr(func, "__qualname__", method)
+    module = getattr(func, "__module__", None)
+    return Resolved(
+        service=service,
+        method=method,
+        path=".".join(names),
+        function=f"{module}.{qualname}" if module else qualname,
+        is_async=inspect.iscoroutinefunction(func),
+    )
+
+
+def dal_resolver(ctx: DataAccessContext, request_path: tuple[PathSegment, ...]) -> Any:
+    """Resolve a path to the bound service method it names (polydatum 1.0 API)."""
+    names = tuple(p.name for p in request_path)
+    resolved = ctx.dal._resolve(names)
+    return getattr(resolved.service, resolved.method)
+
+
+def dal_method_resolver_middleware(
+    request: DalCommandRequest, handler: Callable[[DalCommandRequest], Any]
+) -> Any:
+    """The innermost default middleware: resolve ``request.path`` unless already done."""
+    if request.dal_method is None or request._resolved_path != request.path:
+        request.dal_method = dal_resolver(request.ctx, request.path)
+        request._resolved_path = request.path
+    return handler(request)
+
+
+def handle_dal_method(request: DalCommandRequest) -> Any:
+    """The default handler at the end of the chain: call the resolved method."""
+    method = request.dal_method
+    if method is None:
+        raise DalMethodError(request.path, "not resolved")
+    return method(*request.args, **request.kwargs)
+
+
+def is_async_callable(obj: Any) -> bool:
+    """Whether calling ``obj`` returns a coroutine (``async def`` function or ``__call__``)."""
+    return inspect.iscoroutinefunction(obj) or inspect.iscoroutinefunction(
+        getattr(obj, "__call__", None)  # noqa: B004
+    )

@@ -1,0 +1,64 @@
+"""Services: business logic and all data access, reached through the DAL."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Self
+
+from polydatum.errors import AlreadyExistsException, NoActiveContextError
+
+if TYPE_CHECKING:
+    from polydatum.context import DataAccessContext
+    from polydatum.dal import DataAccessLayer, DataManager
+
+
+class Service:
+    """Base class of services. Nest them with :meth:`register_services`.
+
+    Inside a method, ``self._ctx`` is the active context (its ``meta``, its
+    resources), ``self._dal`` the DAL (call other services through it so that
+    method middleware and tracing apply) and ``self._data_manager`` the manager.
+    """
+
+    def __init__(self) -> None:
+        self._services: dict[str, Service] = {}
+        self._data_manager: DataManager | None = None
+        self._dal: DataAccessLayer | None = None
+
+    def register_services(self, **services: Service) -> Self:
+        """Register sub-services (``dal.users.profile``); returns ``self`` for chaining."""
+        subs = self.__dict__.setdefault("_services", {})
+        for key, service in services.items():
+            if key in subs:
+                raise AlreadyExistsException(
+                    f"A Service for {key} is already registered on {type(self).__name__}."
+                )
+        for key, service in services.items():
+            service.setup(self.__dict__.get("_data_manager"))
+            subs[key] = service
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        services = self.__dict__.get("_services")
+        if services is not None and name in services:
+            return services[name]
+        raise AttributeError(f"{type(self).__name__!r} has no sub-service or attribute {name!r}")
+
+    def setup(self, data_manager: DataManager | None) -> None:
+        """Bind this service (and its sub-services) to a DataManager; called on registration."""
+        self._data_manager = data_manager
+        self._dal = data_manager.get_dal() if data_manager is not None else None
+        for service in self.__dict__.get("_services", {}).values():
+            service.setup(data_manager)
+
+    @property
+    def _ctx(self) -> DataAccessContext:
+        """The active context; ``RuntimeError`` when none is active."""
+        from polydatum.context import get_active_context
+
+        ctx = get_active_context()
+        if ctx is None:
+            raise NoActiveContextError(
+                f"{type(self).__name__}._ctx used with no context active; call services "
+                f"inside `with dm.context():` (or `with dm.dal() as dal:`)."
+            )
+        return ctx

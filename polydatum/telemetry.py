@@ -1,0 +1,690 @@
+"""polydatum's telemetry: spans, metrics and structlog events for every lifecycle step.
+
+The lifecycle (:mod:`polydatum.lifecycle`) tells this module *that* a step started or
+finished; this module decides what to record. It depends on ``opentelemetry-api``
+and ``structlog`` only and never configures either globally.
+
+Cost model. When nothing records -- no tracer or meter provider set (explicitly or
+globally) and structlog not configured, or configured to filter out INFO -- a context
+gets no :class:`ContextTelemetry` at all and the lifecycle skips every call here
+(the OpenTelemetry no-op path costs microseconds per span; skipping it costs a
+``None`` check). ``record_exception`` (a formatted traceback) is only called on
+failures.
+
+What a user who never configured structlog sees: nothing for successful contexts,
+and one WARNING with the traceback for each suppressed resource teardown error
+(structlog's default prints to stdout). Debug events per step and the INFO
+canonical line appear once the application configures structlog (see
+:func:`configure_logging`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from opentelemetry import context as otel_context
+from opentelemetry import metrics as otel_metrics
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from polydatum.lifecycle import Outcome
+
+if TYPE_CHECKING:
+    from opentelemetry.metrics import MeterProvider
+    from opentelemetry.trace import Span, TracerProvider
+
+    from polydatum.context import DataAccessContext
+    from polydatum.meta import Meta
+
+__all__ = [
+    "DURATION_BUCKETS",
+    "ContextTelemetry",
+    "Telemetry",
+    "configure_logging",
+    "disable",
+    "enable",
+    "error_type",
+    "is_enabled",
+    "redact_meta",
+    "setup_local_sdk",
+]
+
+INSTRUMENTATION_NAME = "polydatum"
+LOGGER_NAME = "polydatum"
+
+#: Histogram bucket advice, in seconds: 0.1 ms to 10 s, so sub-millisecond phases resolve.
+DURATION_BUCKETS: tuple[float, ...] = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+
+_ENABLED = "polydatum" not in {
+    s.strip() for s in os.environ.get("OTEL_PYTHON_DISABLED_INSTRUMENTATIONS", "").split(",")
+}
+
+
+def enable() -> None:
+    """Turn polydatum's telemetry on (the default, unless disabled by the environment)."""
+    global _ENABLED
+    _ENABLED = True
+
+
+def disable() -> None:
+    """Turn polydatum's telemetry off for the process (``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS``)."""
+    global _ENABLED
+    _ENABLED = False
+
+
+def is_enabled() -> bool:
+    """Whether polydatum records telemetry at all."""
+    return _ENABLED
+
+
+def error_type(error: BaseException) -> str:
+    """The ``error.type`` of an exception: its qualified class name (builtins unqualified)."""
+    cls = type(error)
+    module = cls.__module__
+    if module == "builtins":
+        return cls.__qualname__
+    return f"{module}.{cls.__qualname__}"
+
+
+# --------------------------------------------------------------------------- meta
+
+REDACTED = "[REDACTED]"
+_SECRET_WORDS = (
+    "password", "passwd", "pwd", "token", "secret", "authorization", "auth",
+    "cookie", "apikey", "session", "credential", "privatekey", "signature",
+)  # fmt: skip
+_NON_ALNUM = re.compile(r"[^a-z0-9]")
+
+
+def is_secret_key(key: object) -> bool:
+    """True when a key looks like it holds a secret (any spelling: ``API-Key``, ``x_auth_token``)."""
+    folded = _NON_ALNUM.sub("", str(key).lower())
+    return any(word in folded for word in _SECRET_WORDS) or folded == "key"
+
+
+def _redact_value(value: Any, depth: int = 0) -> Any:
+    if depth > 8:
+        return REDACTED
+    if isinstance(value, Mapping):
+        return {
+            str(k): REDACTED if is_secret_key(k) else _redact_value(v, depth + 1)
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_redact_value(v, depth + 1) for v in value]
+    return value
+
+
+def _attribute_value(value: Any) -> str | bool | int | float:
+    if isinstance(value, str | bool | int | float):
+        return value
+    return json.dumps(_redact_value(value), default=repr, sort_keys=True)
+
+
+def redact_meta(meta: Meta | Mapping[str, Any], allow: Iterable[str]) -> dict[str, Any]:
+    """The meta values that may be recorded: allow-listed keys only, secrets always redacted.
+
+    Returned keys are ``polydatum.meta.<key>``; values are span-attribute-safe
+    (primitives, or JSON with nested secret-looking keys redacted).
+    """
+    out: dict[str, Any] = {}
+    for key in allow:
+        value = meta.get(key)
+        if value is None:
+            continue
+        out[f"polydatum.meta.{key}"] = REDACTED if is_secret_key(key) else _attribute_value(value)
+    return out
+
+
+# ------------------------------------------------------------------------ logging
+
+
+def _level_enabled(level: int) -> bool:
+    """Whether the application's structlog configuration would emit ``level`` for polydatum.
+
+    Unconfigured structlog prints everything; polydatum then only emits warnings.
+    """
+    if not structlog.is_configured():
+        return level >= logging.WARNING
+    wrapper = structlog.get_config()["wrapper_class"]
+    probe = getattr(wrapper, "is_enabled_for", None)
+    if probe is not None:
+        try:
+            return bool(probe(None, level))
+        except Exception:
+            pass
+    if isinstance(wrapper, type) and issubclass(wrapper, structlog.stdlib.BoundLogger):
+        return logging.getLogger(LOGGER_NAME).isEnabledFor(level)
+    return True
+
+
+def _logger(**bound: Any) -> Any:
+    return structlog.get_logger(LOGGER_NAME).bind(**bound)
+
+
+def configure_logging(
+    *, json_output: bool = True, level: int = logging.INFO, stream: Any = None
+) -> None:
+    """Configure structlog for production: JSON lines with trace correlation.
+
+    A helper the *application* calls (polydatum never configures logging itself).
+    Each event gets ``timestamp``, ``level`` and, when a span is current, ``trace_id``
+    and ``span_id`` (polydatum's own events carry the context's ids already).
+    """
+    import sys
+
+    def add_trace_ids(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+        span_ctx = trace.get_current_span().get_span_context()
+        if span_ctx.is_valid and "trace_id" not in event:
+            event["trace_id"] = format(span_ctx.trace_id, "032x")
+            event["span_id"] = format(span_ctx.span_id, "016x")
+        return event
+
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if json_output else structlog.dev.ConsoleRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            add_trace_ids,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(stream or sys.stdout),
+        cache_logger_on_first_use=True,
+    )
+
+
+def setup_local_sdk(
+    *,
+    service_name: str = "polydatum-app",
+    otlp_endpoint: str | None = None,
+    span_exporter: Any = None,
+    metric_readers: Sequence[Any] = (),
+    set_global: bool = True,
+) -> tuple[TracerProvider, MeterProvider]:
+    """Create an OpenTelemetry SDK tracer and meter provider for local use.
+
+    Needs the ``sdk`` extra. With ``otlp_endpoint`` (``http://host:4318``) traces and
+    metrics go over OTLP/HTTP; with ``span_exporter`` spans go there (batched). Sets
+    the global providers unless ``set_global`` is false. Returns both providers.
+    """
+    try:
+        from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "setup_local_sdk needs the OpenTelemetry SDK: pip install 'polydatum[sdk]'"
+        ) from error
+
+    resource = Resource.create({"service.name": service_name})
+    tracer_provider = SdkTracerProvider(resource=resource)
+    readers = list(metric_readers)
+    if otlp_endpoint:
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+        base = otlp_endpoint.rstrip("/")
+        tracer_provider.add_span_processor(
+            BatchSpanProcessor(OTLPSpanExporter(endpoint=f"{base}/v1/traces"))
+        )
+        readers.append(
+            PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=f"{base}/v1/metrics"))
+        )
+    if span_exporter is not None:
+        tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter))
+    meter_provider = SdkMeterProvider(resource=resource, metric_readers=readers)
+    if set_global:
+        trace.set_tracer_provider(tracer_provider)
+        otel_metrics.set_meter_provider(meter_provider)
+    return tracer_provider, meter_provider
+
+
+# ---------------------------------------------------------------------- providers
+
+
+def _global_tracer_provider_set() -> bool:
+    # The API keeps the provider set by set_tracer_provider() here; None means
+    # "nothing configured", in which case every span would be a no-op.
+    return getattr(trace, "_TRACER_PROVIDER", None) is not None
+
+
+def _global_meter_provider_set() -> bool:
+    from opentelemetry.metrics import _internal as metrics_internal
+
+    return getattr(metrics_internal, "_METER_PROVIDER", None) is not None
+
+
+class _Instruments:
+    """polydatum's metric instruments on one meter."""
+
+    __slots__ = (
+        "context_active",
+        "context_duration",
+        "middleware_duration",
+        "resource_duration",
+        "service_duration",
+        "teardown_errors",
+    )
+
+    def __init__(self, provider: MeterProvider) -> None:
+        from polydatum import __version__
+
+        meter = provider.get_meter(INSTRUMENTATION_NAME, __version__)
+        buckets = list(DURATION_BUCKETS)
+        self.context_duration = meter.create_histogram(
+            "polydatum.context.duration", unit="s",
+            description="Duration of a polydatum context, from enter to the end of teardown.",
+            explicit_bucket_boundaries_advisory=buckets,
+        )  # fmt: skip
+        self.middleware_duration = meter.create_histogram(
+            "polydatum.middleware.duration", unit="s",
+            description="Duration of one context-middleware phase (setup or teardown).",
+            explicit_bucket_boundaries_advisory=buckets,
+        )  # fmt: skip
+        self.resource_duration = meter.create_histogram(
+            "polydatum.resource.duration", unit="s",
+            description="Duration of one resource phase (lazy setup or teardown).",
+            explicit_bucket_boundaries_advisory=buckets,
+        )  # fmt: skip
+        self.service_duration = meter.create_histogram(
+            "polydatum.service.duration", unit="s",
+            description="Duration of one service method call through the DAL.",
+            explicit_bucket_boundaries_advisory=buckets,
+        )  # fmt: skip
+        self.teardown_errors = meter.create_counter(
+            "polydatum.resource.teardown.errors", unit="{error}",
+            description="Errors raised by resources while tearing down (suppressed and recorded).",
+        )  # fmt: skip
+        self.context_active = meter.create_up_down_counter(
+            "polydatum.context.active", unit="{context}",
+            description="Contexts currently entered and not yet exited.",
+        )  # fmt: skip
+
+
+class Telemetry:
+    """Where one DataManager's telemetry goes, and whether anything records right now.
+
+    ``tracer_provider`` / ``meter_provider`` default to the global providers,
+    looked up per context so that an SDK configured after the DataManager was
+    created is picked up. ``meta_attributes`` is the allow-list of Meta keys that
+    may be recorded on the context span and the canonical log line.
+    """
+
+    def __init__(
+        self,
+        tracer_provider: TracerProvider | None = None,
+        meter_provider: MeterProvider | None = None,
+        meta_attributes: Iterable[str] = (),
+    ) -> None:
+        self.tracer_provider = tracer_provider
+        self.meter_provider = meter_provider
+        self.meta_attributes = tuple(meta_attributes)
+        self._tracer_for: Any = None
+        self._tracer: Any = None
+        self._instruments_for: Any = None
+        self._instruments: _Instruments | None = None
+
+    def tracer(self) -> Any:
+        """The tracer to use now, or ``None`` when tracing would record nothing."""
+        provider = self.tracer_provider
+        if provider is None:
+            if not _global_tracer_provider_set():
+                return None
+            provider = trace.get_tracer_provider()
+        if isinstance(provider, trace.NoOpTracerProvider):
+            return None
+        if provider is not self._tracer_for:
+            from polydatum import __version__
+
+            self._tracer = provider.get_tracer(INSTRUMENTATION_NAME, __version__)
+            self._tracer_for = provider
+        return self._tracer
+
+    def instruments(self) -> _Instruments | None:
+        """The metric instruments to use now, or ``None`` when metrics would record nothing."""
+        provider = self.meter_provider
+        if provider is None:
+            if not _global_meter_provider_set():
+                return None
+            provider = otel_metrics.get_meter_provider()
+        if isinstance(provider, otel_metrics.NoOpMeterProvider):
+            return None
+        if provider is not self._instruments_for:
+            self._instruments = _Instruments(provider)
+            self._instruments_for = provider
+        return self._instruments
+
+    def start(self, ctx: DataAccessContext) -> ContextTelemetry | None:
+        """Begin recording one context, or ``None`` when nothing would record."""
+        if not _ENABLED:
+            return None
+        tracer = self.tracer()
+        instruments = self.instruments()
+        info = _level_enabled(logging.INFO)
+        if tracer is None and instruments is None and not info:
+            return None
+        return ContextTelemetry(self, ctx, tracer, instruments, info)
+
+    def record_idle_teardown_error(
+        self, ctx: DataAccessContext, resource: str, error: BaseException
+    ) -> None:
+        """Log a suppressed teardown error of a context that records nothing else."""
+        _logger(context_id=ctx.id).warning(
+            "polydatum.resource.teardown_error_suppressed",
+            resource=resource,
+            error_type=error_type(error),
+            exc_info=(type(error), error, error.__traceback__),
+        )
+
+
+class _Step:
+    """One lifecycle step being recorded: its span (if tracing) and start time."""
+
+    __slots__ = ("attrs", "kind", "name", "phase", "position", "span", "t0", "token")
+
+    def __init__(self, kind: str, phase: str, name: str, position: int) -> None:
+        self.kind = kind
+        self.phase = phase
+        self.name = name
+        self.position = position
+        self.span: Span | None = None
+        self.token: object = None
+        self.attrs: dict[str, Any] | None = None
+        self.t0 = time.perf_counter()
+
+    def enter(self) -> None:
+        if self.span is not None:
+            self.token = otel_context.attach(trace.set_span_in_context(self.span))
+
+    def leave(self) -> None:
+        if self.token is not None:
+            otel_context.detach(self.token)  # type: ignore[arg-type]
+            self.token = None
+
+
+_PHASE_OUTCOMES = {
+    Outcome.YIELDED: "ok",
+    Outcome.RETURNED: "ok",
+    Outcome.SUPPRESSED: "suppressed",
+    Outcome.PROPAGATED: "propagated",
+    Outcome.RAISED: "raised",
+}
+
+
+def _fail(span: Span, error: BaseException) -> None:
+    span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+    span.set_attribute("error.type", error_type(error))
+    span.record_exception(error)
+
+
+class ContextTelemetry:
+    """The telemetry of one context: its span, step records and the canonical log line."""
+
+    __slots__ = (
+        "ctx",
+        "debug",
+        "info",
+        "instruments",
+        "log",
+        "middleware",
+        "parent_ctx",
+        "resources",
+        "service_calls",
+        "span",
+        "t0",
+        "teardown_errors",
+        "telemetry",
+        "token",
+        "tracer",
+    )
+
+    def __init__(
+        self,
+        telemetry: Telemetry,
+        ctx: DataAccessContext,
+        tracer: Any,
+        instruments: _Instruments | None,
+        info: bool,
+    ) -> None:
+        self.telemetry = telemetry
+        self.ctx = ctx
+        self.tracer = tracer
+        self.instruments = instruments
+        self.info = info
+        self.debug = info and _level_enabled(logging.DEBUG)
+        self.span: Span | None = None
+        self.parent_ctx: Any = None
+        self.token: object = None
+        self.middleware: dict[int, dict[str, Any]] = {}
+        self.resources: list[str] = []
+        self.service_calls = 0
+        self.teardown_errors: list[dict[str, str]] = []
+        self.log: Any = None
+        self.t0 = time.perf_counter()
+
+    # -- context ---------------------------------------------------------------
+
+    def begin(self) -> None:
+        """Open the context span (child of the current span) and make it current."""
+        if self.tracer is not None:
+            attrs: dict[str, Any] = {"polydatum.context.id": self.ctx.id}
+            if self.telemetry.meta_attributes:
+                attrs.update(redact_meta(self.ctx.meta, self.telemetry.meta_attributes))
+            span = self.tracer.start_span(
+                "polydatum.context", kind=SpanKind.INTERNAL, attributes=attrs
+            )
+            self.span = span
+            self.parent_ctx = trace.set_span_in_context(span)
+            self.token = otel_context.attach(self.parent_ctx)
+        if self.instruments is not None:
+            self.instruments.context_active.add(1)
+        if self.debug:
+            self._log().debug("polydatum.context.enter")
+
+    def _log(self) -> Any:
+        if self.log is None:
+            bound: dict[str, Any] = {"context_id": self.ctx.id}
+            if self.span is not None:
+                sc = self.span.get_span_context()
+                bound["trace_id"] = format(sc.trace_id, "032x")
+                bound["span_id"] = format(sc.span_id, "016x")
+            self.log = _logger(**bound)
+        return self.log
+
+    def finish(
+        self, error: BaseException | None, suppressed: BaseException | None
+    ) -> None:
+        """Close the context span, record its duration and emit the canonical log line."""
+        duration = time.perf_counter() - self.t0
+        span = self.span
+        if span is not None:
+            if self.teardown_errors:
+                span.set_attribute("polydatum.teardown_errors", len(self.teardown_errors))
+            if error is not None:
+                _fail(span, error)
+            elif suppressed is not None:
+                span.set_attribute("polydatum.suppressed_error.type", error_type(suppressed))
+            span.end()
+            if self.token is not None:
+                try:
+                    otel_context.detach(self.token)  # type: ignore[arg-type]
+                except Exception:
+                    pass
+                self.token = None
+        instruments = self.instruments
+        if instruments is not None:
+            instruments.context_active.add(-1)
+            if error is None:
+                instruments.context_duration.record(duration)
+            else:
+                instruments.context_duration.record(duration, {"error.type": error_type(error)})
+        if self.info:
+            fields: dict[str, Any] = {
+                "outcome": "error" if error is not None else "ok",
+                "duration_ms": round(duration * 1000, 3),
+                "middleware": [self.middleware[k] for k in sorted(self.middleware)],
+                "resources": self.resources,
+                "service_calls": self.service_calls,
+                "teardown_errors": self.teardown_errors,
+            }
+            if error is not None:
+                fields["error_type"] = error_type(error)
+            if suppressed is not None:
+                fields["suppressed_error_type"] = error_type(suppressed)
+            if self.telemetry.meta_attributes:
+                fields["meta"] = {
+                    k.removeprefix("polydatum.meta."): v
+                    for k, v in redact_meta(
+                        self.ctx.meta, self.telemetry.meta_attributes
+                    ).items()
+                }
+            self._log().info("polydatum.context", **fields)
+
+    # -- lifecycle steps ------------------------------------------------------------
+
+    def step_started(
+        self,
+        kind: str,
+        phase: str,
+        name: str,
+        position: int,
+        attributes: Mapping[str, Any] | None = None,
+    ) -> _Step:
+        """Start recording a middleware or resource phase; returns the scope to enter."""
+        step = _Step(kind, phase, name, position)
+        if self.tracer is not None:
+            if kind == "middleware":
+                attrs: dict[str, Any] = {
+                    "polydatum.middleware.name": name,
+                    "polydatum.middleware.position": position,
+                }
+            else:
+                attrs = {"polydatum.resource.name": name}
+                if attributes:
+                    attrs.update(attributes)
+            # Setup spans nest under whatever is current (a lazy resource under the
+            # service call that needed it); teardown spans under the context span.
+            parent = self.parent_ctx if phase == "teardown" else None
+            step.span = self.tracer.start_span(
+                f"polydatum.{kind}.{phase} {name}",
+                context=parent,
+                kind=SpanKind.INTERNAL,
+                attributes=attrs,
+            )
+        return step
+
+    def step_finished(
+        self,
+        step: _Step,
+        outcome: Outcome,
+        error: BaseException | None,
+        seen: BaseException | None,
+    ) -> None:
+        """Finish a phase: ``error`` is what the step raised, ``seen`` what was thrown in."""
+        duration = time.perf_counter() - step.t0
+        # A step fails when it *originated* an exception; one that only let the
+        # context's exception through is marked "propagated", not ERROR.
+        failed = error is not None and outcome is not Outcome.PROPAGATED
+        span = step.span
+        if span is not None:
+            if step.phase == "teardown":
+                span.set_attribute("polydatum.outcome", _PHASE_OUTCOMES[outcome])
+                if seen is not None:
+                    span.set_attribute("polydatum.exception.seen", error_type(seen))
+            if failed:
+                _fail(span, error)  # type: ignore[arg-type]
+            span.end()
+        kind = step.kind
+        if self.instruments is not None:
+            attrs = {f"polydatum.{kind}.name": step.name, "polydatum.phase": step.phase}
+            if failed:
+                attrs["error.type"] = error_type(error)  # type: ignore[arg-type]
+            histogram = (
+                self.instruments.middleware_duration
+                if kind == "middleware"
+                else self.instruments.resource_duration
+            )
+            histogram.record(duration, attrs)
+        if kind == "middleware":
+            entry = self.middleware.setdefault(step.position, {"name": step.name})
+            entry[f"{step.phase}_ms"] = round(duration * 1000, 3)
+        elif step.phase == "setup" and not failed:
+            self.resources.append(step.name)
+        if self.debug:
+            self._log().debug(
+                f"polydatum.{kind}.{step.phase}",
+                name=step.name,
+                duration_ms=round(duration * 1000, 3),
+                outcome=_PHASE_OUTCOMES[outcome],
+                **({"error_type": error_type(error)} if failed else {}),  # type: ignore[arg-type]
+            )
+
+    def teardown_error(self, resource: str, error: BaseException) -> None:
+        """Record a suppressed resource teardown error: counter, warning log, summary."""
+        etype = error_type(error)
+        self.teardown_errors.append({"resource": resource, "error_type": etype})
+        if self.instruments is not None:
+            self.instruments.teardown_errors.add(
+                1, {"polydatum.resource.name": resource, "error.type": etype}
+            )
+        self._log().warning(
+            "polydatum.resource.teardown_error_suppressed",
+            resource=resource,
+            error_type=etype,
+            exc_info=(type(error), error, error.__traceback__),
+        )
+
+    # -- service calls -------------------------------------------------------------
+
+    def call_started(self, path: str, function: str) -> _Step:
+        """Start a service call span and make it current (nested calls nest)."""
+        self.service_calls += 1
+        step = _Step("service", "call", path, 0)
+        if self.tracer is not None:
+            step.span = self.tracer.start_span(
+                path,
+                kind=SpanKind.INTERNAL,
+                attributes={"polydatum.service.path": path, "code.function.name": function},
+            )
+            step.enter()
+        return step
+
+    def call_finished(self, step: _Step, error: BaseException | None) -> None:
+        """End a service call span; record its duration."""
+        duration = time.perf_counter() - step.t0
+        span = step.span
+        if span is not None:
+            step.leave()
+            if error is not None:
+                _fail(span, error)
+            span.end()
+        if self.instruments is not None:
+            if error is None:
+                attrs = {"polydatum.service.path": step.name}
+            else:
+                attrs = {"polydatum.service.path": step.name, "error.type": error_type(error)}
+            self.instruments.service_duration.record(duration, attrs)
+        if self.debug:
+            self._log().debug(
+                "polydatum.service.call",
+                path=step.name,
+                duration_ms=round(duration * 1000, 3),
+                **({"error_type": error_type(error)} if error is not None else {}),
+            )

@@ -1,0 +1,55 @@
+"""Shared test helpers.
+
+``require_service(name, host, port)`` skips a test when a real backend (PostgreSQL,
+Redis, RabbitMQ...) is unreachable -- except under CI (``CI=true``) or with
+``POLYDATUM_REQUIRE_SERVICES=1`` (set by ``.ci/run``), where it fails instead:
+a missing service must never turn into a silently green run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+
+import pytest
+
+POSTGRES_URL = os.environ.get(
+    "POLYDATUM_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+
+
+def services_required() -> bool:
+    return os.environ.get("CI", "").lower() == "true" or os.environ.get(
+        "POLYDATUM_REQUIRE_SERVICES", ""
+    ) in ("1", "true")
+
+
+def require_service(name: str, host: str, port: int) -> None:
+    """Skip (developer laptop) or fail (CI) when ``host:port`` does not accept connections."""
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return
+    except OSError as error:
+        message = f"{name} is not reachable at {host}:{port} ({error})"
+    if services_required():
+        pytest.fail(f"{message}; CI requires it", pytrace=False)
+    pytest.skip(message)
+
+
+def require_binary(name: str) -> str:
+    """Skip (laptop) or fail (CI) when an executable is not on PATH; returns its path."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"the {name!r} executable is not installed"
+        if services_required():
+            pytest.fail(f"{message}; CI requires it (.ci/run installs it)", pytrace=False)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture
+def postgres_url() -> str:
+    """The URL of the test PostgreSQL server (fails under CI when it is down)."""
+    require_service("PostgreSQL", "127.0.0.1", 5432)
+    return POSTGRES_URL
