@@ -42,8 +42,8 @@ from polydatum.lifecycle import (
     State,
     StepResult,
     TeardownPlan,
-    adrive,
     aclose_quietly,
+    adrive,
     close_quietly,
     drive,
     middleware_teardown_plan,
@@ -61,9 +61,7 @@ __all__ = ["DataAccessContext", "Meta", "get_active_context"]
 
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
 
-_active: ContextVar[DataAccessContext | None] = ContextVar(
-    "polydatum_active_context", default=None
-)
+_active: ContextVar[DataAccessContext | None] = ContextVar("polydatum_active_context", default=None)
 
 
 def get_active_context() -> DataAccessContext | None:
@@ -175,9 +173,9 @@ class DataAccessContext:
         except BaseException as error:
             self._state = transition(self._state, "setup_failed")
             final = self._teardown(error, setup_failed=True)
-            if final is error:
+            if final is None or final is error:
                 raise
-            raise final  # a middleware replaced the setup error
+            raise final from error  # a middleware replaced the setup error
         self._state = transition(self._state, "setup_done")
         return self
 
@@ -232,9 +230,9 @@ class DataAccessContext:
         except BaseException as error:
             self._state = transition(self._state, "setup_failed")
             final = await self._ateardown(error, setup_failed=True)
-            if final is error:
+            if final is None or final is error:
                 raise
-            raise final  # a middleware replaced the setup error
+            raise final from error  # a middleware replaced the setup error
         self._state = transition(self._state, "setup_done")
         return self
 
@@ -347,22 +345,21 @@ class DataAccessContext:
             raise
         is_async = inspect.isasyncgen(gen)
         rec = GeneratorRecord("middleware", name, position, gen, is_async)
+        problem: BaseException | None = None
         if is_async and not self._is_async:
-            error = MiddlewareSetupException(
+            problem = MiddlewareSetupException(
                 f"Middleware {name!r} is an async generator: enter the context with "
                 f"`async with dm.context()` (or register a sync generator)."
             )
-            if telemetry is not None:
-                telemetry.step_finished(scope, Outcome.RAISED, error, None)  # type: ignore[arg-type]
-            raise error
-        if not is_async and not inspect.isgenerator(gen):
-            error = MiddlewareSetupException(
+        elif not is_async and not inspect.isgenerator(gen):
+            problem = MiddlewareSetupException(
                 f"Middleware {name!r} returned {type(gen).__name__}, not a generator: "
                 f"middleware must be a generator function that yields once."
             )
+        if problem is not None:
             if telemetry is not None:
-                telemetry.step_finished(scope, Outcome.RAISED, error, None)  # type: ignore[arg-type]
-            raise error
+                telemetry.step_finished(scope, Outcome.RAISED, problem, None)  # type: ignore[arg-type]
+            raise problem
         return rec, scope
 
     def _finish_middleware_setup(
@@ -419,14 +416,10 @@ class DataAccessContext:
             )
         telemetry = self._telemetry
         position = len(self._resource_stack)
-        scope = (
-            telemetry.step_started(
-                "resource", "setup", name, position,
-                getattr(factory, "telemetry_attributes", None),
-            )  # fmt: skip
-            if telemetry is not None
-            else None
-        )
+        scope = None
+        if telemetry is not None:
+            attributes = getattr(factory, "telemetry_attributes", None)
+            scope = telemetry.step_started("resource", "setup", name, position, attributes)
         try:
             gen = factory(self)
         except BaseException as error:
@@ -434,19 +427,18 @@ class DataAccessContext:
                 telemetry.step_finished(scope, Outcome.RAISED, error, None)  # type: ignore[arg-type]
             raise
         is_async = inspect.isasyncgen(gen)
+        problem: BaseException | None = None
         if is_async and not self._is_async:
-            error = self._async_misuse(name)
-            if telemetry is not None:
-                telemetry.step_finished(scope, Outcome.RAISED, error, None)  # type: ignore[arg-type]
-            raise error
-        if not is_async and not inspect.isgenerator(gen):
-            error = ResourceSetupException(
+            problem = self._async_misuse(name)
+        elif not is_async and not inspect.isgenerator(gen):
+            problem = ResourceSetupException(
                 f"Resource {name!r} returned {type(gen).__name__}, not a generator: "
                 f"resources must be generator callables that yield once."
             )
+        if problem is not None:
             if telemetry is not None:
-                telemetry.step_finished(scope, Outcome.RAISED, error, None)  # type: ignore[arg-type]
-            raise error
+                telemetry.step_finished(scope, Outcome.RAISED, problem, None)  # type: ignore[arg-type]
+            raise problem
         self._creating.add(name)
         return GeneratorRecord("resource", name, position, gen, is_async), scope
 
@@ -518,4 +510,3 @@ class DataAccessContext:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self._id or hex(id(self))} {self._state.value}>"
-

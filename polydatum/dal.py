@@ -27,7 +27,6 @@ from polydatum.middleware import (
     Resolved,
     dal_method_resolver_middleware,
     handle_dal_method,
-    is_async_callable,
     resolve_path,
 )
 from polydatum.resources import ResourceManager, is_generator
@@ -133,8 +132,7 @@ class DataAccessLayer:
         setup = getattr(service, "setup", None)
         if not callable(setup):
             raise RegistrationError(
-                f"Service {key}={service!r} must be a polydatum.Service "
-                f"(it has no setup() method)."
+                f"Service {key}={service!r} must be a polydatum.Service (it has no setup() method)."
             )
         setup(self._data_manager)
         self._services[key] = service
@@ -215,6 +213,9 @@ class DataAccessLayer:
         if names and names[0] == "dal":
             names = names[1:]
         return DalCommand(self._call, tuple(PathSegment(n) for n in names))
+
+
+_DAL = DataAccessLayer
 
 
 def _async_link(middleware: Any, inner: Callable[[DalCommandRequest], Any]) -> Any:
@@ -304,7 +305,7 @@ class DataManager:
         self._middleware: list[Any] = []
         self._telemetry = Telemetry(tracer_provider, meter_provider, meta_attributes)
         self.teardown_errors = teardown_errors
-        self._dal = self.DataAccessLayer(self, middleware=list(method_middleware))
+        self._dal: _DAL = self.DataAccessLayer(self, middleware=list(method_middleware))
 
     # -- registration ---------------------------------------------------------------
 
@@ -346,7 +347,7 @@ class DataManager:
         """The registered resource callable named ``name``, or ``None``."""
         return self._resource_manager.get(name)
 
-    def get_dal(self) -> DataAccessLayer:
+    def get_dal(self) -> _DAL:
         return self._dal
 
     # -- contexts ---------------------------------------------------------------------
@@ -383,9 +384,7 @@ class DataManager:
         dal_attrs = set(dir(type(self._dal)))
         for position, m in enumerate(self._middleware):
             if not is_generator(m):
-                problems.append(
-                    f"context middleware #{position} {m!r} is not a generator callable"
-                )
+                problems.append(f"context middleware #{position} {m!r} is not a generator callable")
         for name, resource in self._resource_manager.items():
             if not is_generator(resource):
                 problems.append(f"resource {name!r} is not a generator callable")
@@ -451,7 +450,7 @@ class DataManager:
 
         Returns ``{resource name: PingResult}``; never raises for a failed ping.
         """
-        return {name: self._ping_one(name, ping, None) for name, ping in self._pings()}
+        return {name: self._ping_one(name, ping) for name, ping in self._pings()}
 
     async def aping(self) -> dict[str, PingResult]:
         """Async :meth:`ping`: coroutine pings are awaited."""
@@ -484,7 +483,7 @@ class DataManager:
             return PingResult(name, True, duration)
         return PingResult(name, False, duration, f"{error_type(error)}: {error}")
 
-    def _ping_one(self, name: str, ping: Callable[[], Any], _: None) -> PingResult:
+    def _ping_one(self, name: str, ping: Callable[[], Any]) -> PingResult:
         span = self._ping_span(name)
         t0 = time.perf_counter()
         try:
@@ -543,9 +542,14 @@ class DataManager:
         def label(obj: Any) -> str:
             name = getattr(obj, "__qualname__", None) or type(obj).__qualname__
             module = getattr(obj, "__module__", None) or type(obj).__module__
-            kind = "async generator" if inspect.isasyncgenfunction(obj) or (
-                inspect.isasyncgenfunction(getattr(obj, "__call__", None))  # noqa: B004
-            ) else "generator"
+            kind = (
+                "async generator"
+                if inspect.isasyncgenfunction(obj)
+                or (
+                    inspect.isasyncgenfunction(getattr(obj, "__call__", None))  # noqa: B004
+                )
+                else "generator"
+            )
             return f"{module}.{name} ({kind})"
 
         middleware = [label(m) for m in self._middleware]
@@ -568,8 +572,3 @@ class DataManager:
                 for m in self._dal.method_middleware
             ],
         }
-
-
-def is_async_middleware(middleware: Any) -> bool:
-    """Whether a method middleware is ``async def``."""
-    return is_async_callable(middleware)

@@ -50,7 +50,9 @@ class ValidationError(PolydatumException):
     def __init__(self, problems: list[str]) -> None:
         self.problems = list(problems)
         lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"{len(self.problems)} problem(s) in the DataManager registration:\n{lines}")
+        super().__init__(
+            f"{len(self.problems)} problem(s) in the DataManager registration:\n{lines}"
+        )
 
 
 class MiddlewareException(PolydatumException):

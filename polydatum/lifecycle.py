@@ -65,9 +65,7 @@ TRANSITIONS: dict[tuple[State, str], State] = {
 }
 
 #: States in which a resource not yet created may be set up on first access.
-RESOURCE_CREATE_STATES = frozenset(
-    {State.SETTING_UP, State.ACTIVE, State.TEARING_DOWN_MIDDLEWARE}
-)
+RESOURCE_CREATE_STATES = frozenset({State.SETTING_UP, State.ACTIVE, State.TEARING_DOWN_MIDDLEWARE})
 #: States in which an already-created resource may be used.
 RESOURCE_USE_STATES = RESOURCE_CREATE_STATES | {State.TEARING_DOWN_RESOURCES}
 
@@ -200,10 +198,7 @@ class _RunIn:
         thrown: BaseException | None = None
         while True:
             try:
-                if thrown is None:
-                    yielded = cv.run(coro.send, send)
-                else:
-                    yielded = cv.run(coro.throw, thrown)
+                yielded = cv.run(coro.send, send) if thrown is None else cv.run(coro.throw, thrown)
             except StopIteration as stop:
                 return stop.value
             try:
@@ -291,9 +286,7 @@ def middleware_teardown_plan(
     return exc
 
 
-def resource_teardown_plan(
-    stack: list[GeneratorRecord], exc: BaseException | None
-) -> TeardownPlan:
+def resource_teardown_plan(stack: list[GeneratorRecord], exc: BaseException | None) -> TeardownPlan:
     """Tear resources down, most recently created first.
 
     Every resource sees the same exception (``exc``); errors they raise are recorded
@@ -307,9 +300,7 @@ def resource_teardown_plan(
 class StepObserver(Protocol):
     """The lifecycle events the telemetry layer is told about (see :mod:`polydatum.telemetry`)."""
 
-    def step_started(
-        self, kind: str, phase: str, name: str, position: int
-    ) -> StepScope: ...
+    def step_started(self, kind: str, phase: str, name: str, position: int) -> StepScope: ...
 
     def step_finished(
         self,

@@ -49,9 +49,7 @@ class PathSegment:
 
     def __eq__(self, other: object) -> bool:
         return (
-            isinstance(other, PathSegment)
-            and self.name == other.name
-            and self.meta == other.meta
+            isinstance(other, PathSegment) and self.name == other.name and self.meta == other.meta
         )
 
     def __hash__(self) -> int:
@@ -87,17 +85,20 @@ class DalCommandRequest:
         return f"<DalCommandRequest {'.'.join(p.name for p in self.path)}>"
 
 
+_Segment = PathSegment
+
+
 class DalCommand:
     """A deferred DAL path: attribute access extends it, calling it runs it.
 
     Not bound to a context, so it can be stored and called later (inside a context).
     """
 
-    PathSegment = PathSegment
+    PathSegment: type[_Segment] = _Segment
 
     __slots__ = ("_handler", "path")
 
-    def __init__(self, handler: Callable[..., Any], path: tuple[PathSegment, ...]) -> None:
+    def __init__(self, handler: Callable[..., Any], path: tuple[_Segment, ...]) -> None:
         self._handler = handler
         self.path = path
 
@@ -150,8 +151,12 @@ def resolve_path(services: Mapping[str, Service], names: tuple[str, ...]) -> Res
     if method in subs:
         raise DalMethodError(path, "a service, not a method")
     static = inspect.getattr_static(type(service), method, None)
-    if static is None or isinstance(static, property) or not callable(
-        static.__func__ if isinstance(static, staticmethod | classmethod) else static
+    if (
+        static is None
+        or isinstance(static, property)
+        or not callable(
+            static.__func__ if isinstance(static, staticmethod | classmethod) else static
+        )
     ):
         raise DalMethodError(path, f"{type(service).__name__} has no public method {method!r}")
     bound = getattr(service, method)

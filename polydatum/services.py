@@ -27,7 +27,7 @@ class Service:
     def register_services(self, **services: Service) -> Self:
         """Register sub-services (``dal.users.profile``); returns ``self`` for chaining."""
         subs = self.__dict__.setdefault("_services", {})
-        for key, service in services.items():
+        for key in services:
             if key in subs:
                 raise AlreadyExistsException(
                     f"A Service for {key} is already registered on {type(self).__name__}."

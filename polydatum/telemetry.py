@@ -20,12 +20,13 @@ canonical line appear once the application configures structlog (see
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -77,7 +78,7 @@ def enable() -> None:
 
 
 def disable() -> None:
-    """Turn polydatum's telemetry off for the process (``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS``)."""
+    """Turn polydatum's telemetry off (as ``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS=polydatum``)."""
     global _ENABLED
     _ENABLED = False
 
@@ -107,7 +108,7 @@ _NON_ALNUM = re.compile(r"[^a-z0-9]")
 
 
 def is_secret_key(key: object) -> bool:
-    """True when a key looks like it holds a secret (any spelling: ``API-Key``, ``x_auth_token``)."""
+    """True when a key looks like it holds a secret (any spelling: ``API-Key``, ``x_auth``)."""
     folded = _NON_ALNUM.sub("", str(key).lower())
     return any(word in folded for word in _SECRET_WORDS) or folded == "key"
 
@@ -183,7 +184,7 @@ def configure_logging(
     """
     import sys
 
-    def add_trace_ids(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    def add_trace_ids(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
         span_ctx = trace.get_current_span().get_span_context()
         if span_ctx.is_valid and "trace_id" not in event:
             event["trace_id"] = format(span_ctx.trace_id, "032x")
@@ -508,9 +509,7 @@ class ContextTelemetry:
             self.log = _logger(**bound)
         return self.log
 
-    def finish(
-        self, error: BaseException | None, suppressed: BaseException | None
-    ) -> None:
+    def finish(self, error: BaseException | None, suppressed: BaseException | None) -> None:
         """Close the context span, record its duration and emit the canonical log line."""
         duration = time.perf_counter() - self.t0
         span = self.span
@@ -523,10 +522,8 @@ class ContextTelemetry:
                 span.set_attribute("polydatum.suppressed_error.type", error_type(suppressed))
             span.end()
             if self.token is not None:
-                try:
+                with contextlib.suppress(Exception):  # entered in another thread/task
                     otel_context.detach(self.token)  # type: ignore[arg-type]
-                except Exception:
-                    pass
                 self.token = None
         instruments = self.instruments
         if instruments is not None:
@@ -551,9 +548,7 @@ class ContextTelemetry:
             if self.telemetry.meta_attributes:
                 fields["meta"] = {
                     k.removeprefix("polydatum.meta."): v
-                    for k, v in redact_meta(
-                        self.ctx.meta, self.telemetry.meta_attributes
-                    ).items()
+                    for k, v in redact_meta(self.ctx.meta, self.telemetry.meta_attributes).items()
                 }
             self._log().info("polydatum.context", **fields)
 

@@ -29,7 +29,11 @@ if TYPE_CHECKING:
 
 try:
     from opentelemetry.sdk.metrics import MeterProvider
-    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.metrics.export import (
+        HistogramDataPoint,
+        InMemoryMetricReader,
+        NumberDataPoint,
+    )
     from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -77,7 +81,7 @@ class MetricPoint:
 def _records(spans: list[ReadableSpan]) -> list[SpanRecord]:
     by_id = {s.context.span_id: s for s in spans if s.context is not None}
     out = []
-    for s in sorted(spans, key=lambda s: (s.start_time or 0)):
+    for s in sorted(spans, key=lambda s: s.start_time or 0):
         parent_id = s.parent.span_id if s.parent is not None else None
         parent = by_id.get(parent_id) if parent_id is not None else None
         out.append(
@@ -193,14 +197,10 @@ class TelemetryCapture:
                         continue
                     for p in metric.data.data_points:
                         attrs = dict(p.attributes or {})
-                        if hasattr(p, "bucket_counts"):
-                            points.append(
-                                MetricPoint(
-                                    metric.name, attrs, float(p.count), float(p.sum),
-                                    tuple(p.explicit_bounds),
-                                )  # fmt: skip
-                            )
-                        else:
+                        if isinstance(p, HistogramDataPoint):
+                            bounds = tuple(p.explicit_bounds)
+                            points.append(MetricPoint(metric.name, attrs, p.count, p.sum, bounds))
+                        elif isinstance(p, NumberDataPoint):
                             points.append(MetricPoint(metric.name, attrs, float(p.value)))
         return points
 
@@ -218,10 +218,9 @@ def override(dm: DataManager, **replacements: Any) -> Iterator[DataManager]:
     Keys name a service or a resource (``override(dm, users=FakeUsers(), db=fake_db)``);
     a name that is neither raises ``KeyError`` so that typos do not pass silently.
     """
-    dal = dm.get_dal()
     saved_services: dict[str, Any] = {}
     saved_resources: dict[str, Any] = {}
-    services = dal._services
+    services = dm.get_dal().services
     for key in replacements:
         if key not in services and dm.get_resource(key) is None:
             raise KeyError(f"{key!r} is neither a registered service nor a resource")

@@ -1,0 +1,172 @@
+"""The ``polydatum`` command.
+
+``polydatum inspect MODULE:ATTR`` prints the registration of a DataManager -- the
+services tree, the resources, the context middleware in setup *and* teardown order,
+and the method middleware in call order -- so middleware order can be checked
+without running a request. Other subcommands plug in without editing this file:
+a module listed in :func:`_optional_subcommands` (``polydatum.demo.cli``,
+``polydatum.waterfall``) that defines ``register_cli(subparsers)`` adds its parser
+there, with ``set_defaults(func=handler)``; a handler returns the exit status and may
+raise :class:`CliError` for a one-line error message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from polydatum.dal import DataManager
+from polydatum.errors import ValidationError
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+def load_data_manager(target: str) -> DataManager:
+    """Import ``MODULE:ATTR`` (ATTR may be dotted, or a zero-argument factory)."""
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise CliError(f"expected MODULE:ATTR (e.g. myapp.data:dm), got {target!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise CliError(f"cannot import module {module_name!r}: {error}") from error
+    obj: Any = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise CliError(f"module {module_name!r} has no attribute {attr!r}") from None
+    if not isinstance(obj, DataManager) and callable(obj):
+        obj = obj()
+    if not isinstance(obj, DataManager):
+        raise CliError(f"{target} is a {type(obj).__name__}, not a polydatum DataManager")
+    return obj
+
+
+def _tree_lines(services: dict[str, Any], prefix: str = "", path: str = "") -> list[str]:
+    lines = []
+    items = list(services.items())
+    for index, (name, info) in enumerate(items):
+        last = index == len(items) - 1
+        branch = "└── " if last else "├── "
+        lines.append(f"{prefix}{branch}{path}{name}  [{info['class']}]")
+        child_prefix = prefix + ("    " if last else "│   ")
+        for m in info["methods"]:
+            lines.append(f"{child_prefix}· {m}()")
+        lines.extend(_tree_lines(info["services"], child_prefix, f"{path}{name}."))
+    return lines
+
+
+def format_inspection(description: dict[str, Any], problems: Sequence[str]) -> str:
+    """Render :meth:`DataManager.describe` as the text ``polydatum inspect`` prints."""
+    out = ["Services (dal.…)"]
+    out.extend(_tree_lines(description["services"]) or ["  (none)"])
+    out.append("")
+    out.append("Resources (created lazily, torn down most recent first)")
+    if not description["resources"]:
+        out.append("  (none)")
+    for name, info in description["resources"].items():
+        extra = " ping" if info["ping"] else ""
+        attrs = ", ".join(f"{k}={v}" for k, v in info["attributes"].items())
+        out.append(f"  {name}: {info['callable']}{extra}{f'  {{{attrs}}}' if attrs else ''}")
+    out.append("")
+    chain = description["context_middleware"]
+    out.append("Context middleware")
+    out.append("  setup order:")
+    out.extend(f"    {i}. {m}" for i, m in enumerate(chain["setup_order"], 1))
+    if not chain["setup_order"]:
+        out.append("    (none)")
+    out.append("  teardown order:")
+    out.extend(f"    {i}. {m}" for i, m in enumerate(chain["teardown_order"], 1))
+    if not chain["teardown_order"]:
+        out.append("    (none)")
+    out.append("")
+    out.append("Method middleware (outermost first)")
+    out.extend(f"  {i}. {m}" for i, m in enumerate(description["method_middleware"], 1))
+    out.append("")
+    if problems:
+        out.append(f"Problems ({len(problems)})")
+        out.extend(f"  ✗ {p}" for p in problems)
+    else:
+        out.append("Validation: ok")
+    return "\n".join(out)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    dm = load_data_manager(args.target)
+    description = dm.describe()
+    problems = dm.validate(raise_on_error=False)
+    if args.json:
+        print(json.dumps({**description, "problems": problems}, indent=2))
+    else:
+        print(format_inspection(description, problems))
+    return 1 if problems else 0
+
+
+def _add_inspect(sub: Any) -> None:
+    p = sub.add_parser(
+        "inspect",
+        help="show services, resources and middleware order of a DataManager",
+        description="Print the services tree, the resources and both middleware chains "
+        "in execution order, then validate the registration.",
+    )
+    p.add_argument("target", help="MODULE:ATTR of a DataManager (or a factory returning one)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_inspect)
+
+
+#: Subcommand registrars: each adds a parser to the subparsers object.
+SUBCOMMANDS: list[Callable[[Any], None]] = [_add_inspect]
+
+
+def _optional_subcommands() -> list[Callable[[Any], None]]:
+    found = []
+    for module_name in ("polydatum.demo.cli", "polydatum.waterfall"):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        register = getattr(module, "register_cli", None)
+        if callable(register):
+            found.append(register)
+    return found
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="polydatum", description="Inspect, trace and demo polydatum DataManagers."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for register in [*SUBCOMMANDS, *_optional_subcommands()]:
+        register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``polydatum`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result: int = args.func(args)
+    except CliError as error:
+        print(f"polydatum: error: {error}", file=sys.stderr)
+        return 2
+    except ValidationError as error:
+        print(f"polydatum: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return result
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
