@@ -1,0 +1,250 @@
+"""Async contexts: async generators, async services and method middleware, isolation."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import threading
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+
+from polydatum import DataManager, Service
+from polydatum.context import DataAccessContext
+from polydatum.errors import MiddlewareSetupException, ResourceException
+from polydatum.middleware import DalCommandRequest
+from polydatum.testing import TelemetryCapture
+
+
+class Boom(Exception):
+    pass
+
+
+class Books(Service):
+    async def get(self, book_id: int) -> str:
+        conn = await self._ctx.aresource("adb")
+        await asyncio.sleep(0)
+        return f"{conn}:{book_id}:{self._ctx.meta.user}"
+
+    async def shelf(self) -> list[str]:
+        assert self._dal is not None
+        return [await self._dal.books.get(1), await self._dal.books.get(2)]
+
+    def sync_count(self) -> int:
+        return 42
+
+    async def fail(self) -> None:
+        raise Boom("async failure")
+
+
+def build(log: list[str], cap: TelemetryCapture | None = None) -> DataManager:
+    dm = cap.data_manager() if cap is not None else DataManager()
+
+    async def amw(ctx: DataAccessContext) -> AsyncIterator[None]:
+        log.append("amw setup")
+        await asyncio.sleep(0)
+        try:
+            yield
+        except Boom:
+            log.append("amw saw Boom")
+            raise
+        log.append("amw teardown")
+
+    def smw(ctx: DataAccessContext) -> Iterator[None]:
+        log.append("smw setup")
+        yield
+        log.append("smw teardown")
+
+    async def adb(ctx: DataAccessContext) -> AsyncIterator[str]:
+        log.append("adb setup")
+        await asyncio.sleep(0)
+        try:
+            yield "adb"
+        except BaseException as error:
+            log.append(f"adb rollback {type(error).__name__}")
+            raise
+        log.append("adb commit")
+
+    def sdb(ctx: DataAccessContext) -> Iterator[str]:
+        yield "sdb"
+        log.append("sdb teardown")
+
+    dm.register_context_middleware(amw, smw)
+    dm.register_resources(adb=adb, sdb=sdb)
+    dm.register_services(books=Books())
+    return dm
+
+
+async def test_async_context_semantics_match_sync() -> None:
+    log: list[str] = []
+    dm = build(log)
+    async with dm.dal({"user": "ann"}) as dal:
+        assert await dal.books.shelf() == ["adb:1:ann", "adb:2:ann"]
+        assert dal.books.sync_count() == 42
+        assert dm.get_active_context().sdb == "sdb"  # type: ignore[union-attr]
+    assert log == [
+        "amw setup",
+        "smw setup",
+        "adb setup",
+        "smw teardown",
+        "amw teardown",
+        "sdb teardown",
+        "adb commit",
+    ]
+
+
+async def test_async_error_flow() -> None:
+    log: list[str] = []
+    dm = build(log)
+    with pytest.raises(Boom, match="async failure"):
+        async with dm.dal() as dal:
+            await dal.books.get(1)
+            await dal.books.fail()
+    # smw does not catch: the error passes it without a teardown line.
+    assert log == ["amw setup", "smw setup", "adb setup", "amw saw Boom", "adb rollback Boom"]
+
+
+async def test_async_span_tree_matches_sync_shape(polydatum_telemetry: TelemetryCapture) -> None:
+    dm = build([], polydatum_telemetry)
+    async with dm.dal({"user": "x"}) as dal:
+        await dal.books.shelf()
+    assert polydatum_telemetry.tree() == [
+        (
+            "polydatum.context",
+            [
+                ("polydatum.middleware.setup amw", []),
+                ("polydatum.middleware.setup smw", []),
+                (
+                    "books.shelf",
+                    [
+                        ("books.get", [("polydatum.resource.setup adb", [])]),
+                        ("books.get", []),
+                    ],
+                ),
+                ("polydatum.middleware.teardown smw", []),
+                ("polydatum.middleware.teardown amw", []),
+                ("polydatum.resource.teardown adb", []),
+            ],
+        )
+    ]
+
+
+async def test_async_resource_needs_await_in_async_context() -> None:
+    dm = build([])
+    async with dm.context() as ctx:
+        with pytest.raises(ResourceException) as info:
+            ctx.adb
+        assert str(info.value) == (
+            "Resource 'adb' is an async generator; create it with "
+            "`await ctx.aresource('adb')` inside `async with dm.context()`."
+        )
+        assert "adb" not in ctx
+        assert await ctx.aresource("adb") == "adb"
+        assert ctx.adb == "adb"  # once created, attribute access works
+
+
+def test_async_middleware_in_sync_context_is_a_clear_error() -> None:
+    dm = build([])
+    with pytest.raises(MiddlewareSetupException) as info, dm.context():
+        pass
+    assert str(info.value) == (
+        "Middleware 'amw' is an async generator: enter the context with "
+        "`async with dm.context()` (or register a sync generator)."
+    )
+
+
+async def test_async_method_middleware() -> None:
+    seen: list[str] = []
+
+    async def audit(request: DalCommandRequest, handler: Any) -> Any:
+        seen.append(f"before {'.'.join(p.name for p in request.path)}")
+        result = await handler(request)
+        seen.append("after")
+        return result
+
+    def passthrough(request: DalCommandRequest, handler: Any) -> Any:
+        seen.append("sync passthrough")
+        return handler(request)
+
+    dm = build([])
+    dm.register_method_middleware(audit, passthrough)
+    async with dm.dal({"user": "u"}) as dal:
+        assert await dal.books.get(5) == "adb:5:u"
+    assert seen == ["before books.get", "sync passthrough", "after"]
+
+
+async def test_concurrent_tasks_are_isolated() -> None:
+    dm = build([])
+
+    async def one(i: int) -> tuple[int, Any, Any]:
+        async with dm.context({"user": f"u{i}"}) as ctx:
+            await asyncio.sleep(0.001 * (i % 3))
+            value = await ctx.dal.books.get(i)
+            return i, value, dm.get_active_context() is ctx
+
+    results = await asyncio.gather(*(one(i) for i in range(50)))
+    assert results == [(i, f"adb:{i}:u{i}", True) for i in range(50)]
+    assert dm.get_active_context() is None
+
+
+def test_threads_are_isolated() -> None:
+    dm = DataManager()
+
+    class Who(Service):
+        def me(self) -> Any:
+            return self._ctx.meta.user
+
+    dm.register_services(who=Who())
+    barrier = threading.Barrier(8)
+    results: dict[int, list[Any]] = {}
+
+    def worker(i: int) -> None:
+        out = []
+        with dm.dal({"user": i}) as dal:
+            barrier.wait()
+            for _ in range(100):
+                out.append(dal.who.me())
+        results[i] = out
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {i: [i] * 100 for i in range(8)}
+
+
+async def test_async_generators_do_not_leak_contextvars() -> None:
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("v", default="caller")
+    dm = DataManager()
+
+    async def mw(ctx: DataAccessContext) -> AsyncIterator[None]:
+        var.set("mw")
+        yield
+        assert var.get() == "mw"
+
+    dm.register_context_middleware(mw)
+    async with dm.context():
+        assert var.get() == "caller"
+    assert var.get() == "caller"
+
+
+async def test_cancellation_tears_everything_down() -> None:
+    log: list[str] = []
+    dm = build(log)
+    started = asyncio.Event()
+
+    async def request() -> None:
+        async with dm.context() as ctx:
+            await ctx.aresource("adb")
+            started.set()
+            await asyncio.sleep(10)
+
+    task = asyncio.create_task(request())
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert log[-1] == "adb rollback CancelledError"
+    assert "amw teardown" not in log
