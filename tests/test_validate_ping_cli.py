@@ -1,0 +1,181 @@
+"""Startup validation, health pings and ``polydatum inspect``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from polydatum import DataManager, PingResult, Service
+from polydatum.cli import main
+from polydatum.context import DataAccessContext
+from polydatum.errors import ValidationError
+from polydatum.testing import TelemetryCapture
+
+
+class Svc(Service):
+    def get(self) -> int:
+        return 1
+
+
+def good(ctx: DataAccessContext) -> Iterator[int]:
+    yield 1
+
+
+def test_validate_reports_every_problem_at_once() -> None:
+    dm = DataManager()
+    dm.register_services(register_services=Svc(), ok=Svc().register_services(setup=Svc()))
+    dm.register_resources(meta=good, dal=good, fine=good)
+    dm._middleware.append(lambda ctx: None)  # slipped past registration
+    other = DataManager()
+    shared = Svc()
+    dm.register_services(shared=shared)
+    other.register_services(shared=shared)
+    with pytest.raises(ValidationError) as info:
+        dm.validate()
+    problems = info.value.problems
+    assert len(problems) == 6
+    assert problems[0].startswith("context middleware #0 <function")
+    assert problems[0].endswith("is not a generator callable")
+    assert problems[1:] == [
+        "resource 'meta' collides with DataAccessContext.meta: ctx.meta returns the "
+        "attribute, not the resource; rename it",
+        "resource 'dal' collides with DataAccessContext.dal: ctx.dal returns the "
+        "attribute, not the resource; rename it",
+        "service 'register_services' collides with an attribute of the same name on its "
+        "parent; dal.register_services would not reach it; rename it",
+        "service 'ok.setup' collides with an attribute of the same name on its parent; "
+        "dal.ok.setup would not reach it; rename it",
+        "service 'shared' is bound to another DataManager (it was registered elsewhere "
+        "after this one)",
+    ]
+    assert str(info.value).startswith("6 problem(s) in the DataManager registration:\n  - ")
+    assert dm.validate(raise_on_error=False) == problems
+
+
+def test_validate_clean_manager() -> None:
+    dm = DataManager()
+    dm.register_services(svc=Svc())
+    dm.register_resources(fine=good)
+    assert dm.validate() == []
+
+
+def test_ping_reports_per_resource_and_is_traced(polydatum_telemetry: TelemetryCapture) -> None:
+    dm = polydatum_telemetry.data_manager()
+
+    def db(ctx: DataAccessContext) -> Iterator[int]:
+        yield 1
+
+    def cache(ctx: DataAccessContext) -> Iterator[int]:
+        yield 2
+
+    def down() -> None:
+        raise ConnectionRefusedError("cache is down")
+
+    db.ping = lambda: None  # type: ignore[attr-defined]
+    cache.ping = down  # type: ignore[attr-defined]
+    dm.register_resources(db=db, cache=cache, noping=good)
+    results = dm.ping()
+    assert set(results) == {"db", "cache"}
+    assert results["db"].ok and results["db"].error is None
+    assert results["cache"] == PingResult(
+        "cache", False, results["cache"].duration_s, "ConnectionRefusedError: cache is down"
+    )
+    spans = {s.name: s for s in polydatum_telemetry.spans()}
+    assert spans["polydatum.resource.ping db"].status == "UNSET"
+    assert spans["polydatum.resource.ping cache"].status == "ERROR"
+    assert spans["polydatum.resource.ping cache"].attributes == {
+        "polydatum.resource.name": "cache",
+        "error.type": "ConnectionRefusedError",
+    }
+
+
+async def test_async_ping() -> None:
+    dm = DataManager()
+
+    async def ok() -> None:
+        return None
+
+    def res(ctx: DataAccessContext) -> Iterator[int]:
+        yield 1
+
+    res.ping = ok  # type: ignore[attr-defined]
+    dm.register_resources(res=res)
+    results = await dm.aping()
+    assert results["res"].ok
+    sync_results = dm.ping()
+    assert sync_results["res"].error == "TypeError: ping of 'res' is async: use `await dm.aping()`"
+
+
+EXPECTED_INSPECT = """\
+Services (dal.…)
+└── users  [sample_app.Users]
+    · list()
+    └── users.profiles  [sample_app.Profiles]
+        · get()
+
+Resources (created lazily, torn down most recent first)
+  db: sample_app.db (generator) ping
+
+Context middleware
+  setup order:
+    1. sample_app.auth (generator)
+    2. sample_app.transaction (generator)
+  teardown order:
+    1. sample_app.transaction (generator)
+    2. sample_app.auth (generator)
+
+Method middleware (outermost first)
+  1. audit
+  2. dal_method_resolver_middleware
+
+Validation: ok
+"""
+
+
+def test_inspect_prints_tree_and_both_orders(capsys: Any, monkeypatch: Any) -> None:
+    monkeypatch.syspath_prepend("tests")
+    assert main(["inspect", "sample_app:dm"]) == 0
+    assert capsys.readouterr().out == EXPECTED_INSPECT
+
+
+def test_inspect_json_and_factory(capsys: Any, monkeypatch: Any) -> None:
+    monkeypatch.syspath_prepend("tests")
+    assert main(["inspect", "--json", "sample_app:make"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["context_middleware"]["teardown_order"] == [
+        "sample_app.transaction (generator)",
+        "sample_app.auth (generator)",
+    ]
+    assert data["problems"] == []
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("nocolon", "polydatum: error: expected MODULE:ATTR (e.g. myapp.data:dm), got 'nocolon'"),
+        ("no_such_module_xyz:dm", "polydatum: error: cannot import module 'no_such_module_xyz'"),
+        ("sample_app:nope", "polydatum: error: module 'sample_app' has no attribute 'nope'"),
+        ("sample_app:Users", "polydatum: error: sample_app:Users is a Users, not a polydatum"),
+    ],
+)
+def test_inspect_bad_targets(target: str, message: str, capsys: Any, monkeypatch: Any) -> None:
+    monkeypatch.syspath_prepend("tests")
+    assert main(["inspect", target]) == 2
+    assert capsys.readouterr().err.startswith(message)
+
+
+def test_console_script_is_installed() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "polydatum.cli", "inspect", "sample_app:dm"],
+        capture_output=True,
+        text=True,
+        cwd="tests",
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == EXPECTED_INSPECT
