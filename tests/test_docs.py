@@ -1,0 +1,49 @@
+"""Every ```python block in README.md and docs/*.md runs (```python no-run blocks do not).
+
+Blocks of one file run in order in one fresh interpreter, so later blocks may use what
+earlier ones defined -- the way a reader follows the text.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+BLOCK = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
+
+
+def python_blocks(path: Path) -> list[str]:
+    return BLOCK.findall(path.read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_doc_examples_run(path: Path, tmp_path: Path) -> None:
+    blocks = python_blocks(path)
+    if not blocks:
+        pytest.skip(f"{path.name} has no runnable python blocks")
+    script = "\n\n".join(
+        f"# --- block {i + 1} of {path.name}\n{block}" for i, block in enumerate(blocks)
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, f"{path.name} examples failed:\n{result.stdout}\n{result.stderr}"
+
+
+def test_readme_starts_with_the_two_commands() -> None:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    first_block = text.split("```sh\n", 1)[1].split("```", 1)[0].splitlines()
+    assert first_block == [
+        "python3 -m venv .venv && .venv/bin/pip install -q -e '.[all]' && .venv/bin/polydatum demo",
+        "bash .ci/run",
+    ]
