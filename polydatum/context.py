@@ -40,16 +40,13 @@ from polydatum.lifecycle import (
     GeneratorRecord,
     Outcome,
     State,
-    StepResult,
-    TeardownPlan,
     aclose_quietly,
     adrive,
+    after_middleware_teardown,
     close_quietly,
     drive,
-    middleware_teardown_plan,
-    resource_teardown_plan,
+    step_error,
     transition,
-    twice_yielded,
 )
 from polydatum.meta import Meta
 
@@ -198,25 +195,25 @@ class DataAccessContext:
     def _teardown(
         self, exc: BaseException | None, setup_failed: bool = False
     ) -> BaseException | None:
-        final = self._run_plan(middleware_teardown_plan(self._middleware_stack, exc))
-        self._between_phases()
-        self._run_plan(resource_teardown_plan(self._resource_stack, final))
-        return self._end(exc, final, setup_failed)
-
-    def _run_plan(self, plan: TeardownPlan) -> BaseException | None:
-        try:
-            step = next(plan)
-            while True:
-                rec = step.rec
-                scope = self._start_teardown(rec)
-                outcome, value = drive(rec, step.exc, scope)
-                if outcome is Outcome.YIELDED:
-                    close_quietly(rec)
-                result = self._finish_teardown(rec, scope, step.exc, outcome, value)
-                step = plan.send(result)
-        except StopIteration as stop:
-            final: BaseException | None = stop.value
-            return final
+        current = exc
+        stack = self._middleware_stack
+        while stack:
+            rec = stack.pop()
+            scope = self._start_teardown(rec)
+            outcome, value = drive(rec, current, scope)
+            if outcome is Outcome.YIELDED:
+                close_quietly(rec)
+            current = self._finish_middleware_teardown(rec, scope, current, outcome, value)
+        self._state = transition(self._state, "middleware_done")
+        stack = self._resource_stack
+        while stack:
+            rec = stack.pop()
+            scope = self._start_teardown(rec)
+            outcome, value = drive(rec, current, scope)
+            if outcome is Outcome.YIELDED:
+                close_quietly(rec)
+            self._finish_resource_teardown(rec, scope, current, outcome, value)
+        return self._end(exc, current, setup_failed)
 
     # ----------------------------------------------------------------- async enter/exit
 
@@ -255,25 +252,25 @@ class DataAccessContext:
     async def _ateardown(
         self, exc: BaseException | None, setup_failed: bool = False
     ) -> BaseException | None:
-        final = await self._arun_plan(middleware_teardown_plan(self._middleware_stack, exc))
-        self._between_phases()
-        await self._arun_plan(resource_teardown_plan(self._resource_stack, final))
-        return self._end(exc, final, setup_failed)
-
-    async def _arun_plan(self, plan: TeardownPlan) -> BaseException | None:
-        try:
-            step = next(plan)
-            while True:
-                rec = step.rec
-                scope = self._start_teardown(rec)
-                outcome, value = await adrive(rec, step.exc, scope)
-                if outcome is Outcome.YIELDED:
-                    await aclose_quietly(rec)
-                result = self._finish_teardown(rec, scope, step.exc, outcome, value)
-                step = plan.send(result)
-        except StopIteration as stop:
-            final: BaseException | None = stop.value
-            return final
+        current = exc
+        stack = self._middleware_stack
+        while stack:
+            rec = stack.pop()
+            scope = self._start_teardown(rec)
+            outcome, value = await adrive(rec, current, scope)
+            if outcome is Outcome.YIELDED:
+                await aclose_quietly(rec)
+            current = self._finish_middleware_teardown(rec, scope, current, outcome, value)
+        self._state = transition(self._state, "middleware_done")
+        stack = self._resource_stack
+        while stack:
+            rec = stack.pop()
+            scope = self._start_teardown(rec)
+            outcome, value = await adrive(rec, current, scope)
+            if outcome is Outcome.YIELDED:
+                await aclose_quietly(rec)
+            self._finish_resource_teardown(rec, scope, current, outcome, value)
+        return self._end(exc, current, setup_failed)
 
     # ------------------------------------------------------- shared by sync and async
 
@@ -287,9 +284,6 @@ class DataAccessContext:
         if telemetry is not None:
             telemetry.begin()
         self._setup_hook()
-
-    def _between_phases(self) -> None:
-        self._state = transition(self._state, "middleware_done")
 
     def _end(
         self, exc: BaseException | None, final: BaseException | None, setup_failed: bool
@@ -469,26 +463,34 @@ class DataAccessContext:
             attributes = getattr(factory, "telemetry_attributes", None)
         return telemetry.step_started(rec.kind, "teardown", rec.name, rec.position, attributes)
 
-    def _finish_teardown(
+    def _finish_middleware_teardown(
         self,
         rec: GeneratorRecord,
         scope: Any,
         seen: BaseException | None,
         outcome: Outcome,
         value: Any,
-    ) -> StepResult:
-        error: BaseException | None = None
-        if outcome is Outcome.YIELDED:
-            error = twice_yielded(rec)
-        elif outcome is Outcome.RAISED or outcome is Outcome.PROPAGATED:
-            error = value
+    ) -> BaseException | None:
+        """Record a middleware teardown step; returns the exception that travels on."""
+        error = step_error(rec, outcome, value)
         if self._telemetry is not None:
             self._telemetry.step_finished(scope, outcome, error, seen)
-        if rec.kind == "resource":
-            self._resources.pop(rec.name, None)
-            if error is not None and outcome is not Outcome.PROPAGATED:
-                self._record_teardown_error(rec.name, error)
-        return StepResult(outcome, error)
+        return after_middleware_teardown(seen, outcome, error)
+
+    def _finish_resource_teardown(
+        self,
+        rec: GeneratorRecord,
+        scope: Any,
+        seen: BaseException | None,
+        outcome: Outcome,
+        value: Any,
+    ) -> None:
+        """Record a resource teardown step; an error it raised is suppressed and recorded."""
+        error = step_error(rec, outcome, value)
+        if self._telemetry is not None:
+            self._telemetry.step_finished(scope, outcome, error, seen)
+        if error is not None and outcome is not Outcome.PROPAGATED:
+            self._record_teardown_error(rec.name, error)
 
     def _record_teardown_error(self, resource: str, error: BaseException) -> None:
         self._resource_exit_errors.append((type(error), error, error.__traceback__))

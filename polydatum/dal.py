@@ -104,6 +104,13 @@ class DataAccessLayer:
         for m in reversed(chain):
             ahandler = _async_link(m, ahandler)
         self._ahandler = ahandler
+        # No method middleware of the user's and the stock resolver and handler: a
+        # resolved call can go straight to the method (the common, hot case).
+        self._direct = (
+            not self._middleware
+            and self._default_middleware == [dal_method_resolver_middleware]
+            and self._base_handler is handle_dal_method
+        )
 
     @property
     def method_middleware(self) -> list[Any]:
@@ -159,14 +166,41 @@ class DataAccessLayer:
         return resolved
 
     def _call(self, path: tuple[PathSegment, ...], *args: Any, **kwargs: Any) -> Any:
+        """Handler of :class:`DalCommand` objects built by hand (polydatum 1.0 style)."""
+        return self._call_names(tuple(p.name for p in path), args, kwargs, path)
+
+    def _call_names(
+        self,
+        names: tuple[str, ...],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        path: tuple[PathSegment, ...] | None = None,
+    ) -> Any:
         ctx = _active.get()
         if ctx is None:
             raise _no_context()
+        resolved = self._resolved.get(names)
+        if resolved is None:
+            try:
+                resolved = self._resolve(names)
+            except DalMethodError:
+                resolved = None  # middleware may still handle it; the resolver raises otherwise
+        if resolved is not None and self._direct and not resolved.is_async:
+            method = getattr(resolved.service, resolved.method)
+            telemetry = ctx._telemetry
+            if telemetry is None:
+                return method(*args, **kwargs)
+            step = telemetry.call_started(resolved.path, resolved.function)
+            try:
+                result = method(*args, **kwargs)
+            except BaseException as error:
+                telemetry.call_finished(step, error)
+                raise
+            telemetry.call_finished(step, None)
+            return result
+        if path is None:
+            path = tuple(PathSegment(n) for n in names)
         request = DalCommandRequest(ctx, path, args, kwargs)
-        try:
-            resolved: Resolved | None = self._resolve(tuple(p.name for p in path))
-        except DalMethodError:
-            resolved = None  # middleware may still handle it; the resolver raises otherwise
         if resolved is not None:
             request.dal_method = getattr(resolved.service, resolved.method)
             request._resolved_path = path
@@ -202,7 +236,7 @@ class DataAccessLayer:
             raise AttributeError(name)
         if _active.get() is None:
             raise _no_context()
-        return DalCommand(self._call, (PathSegment(name),))
+        return _DalPath._from_names(self._call, (name,))
 
     def __getitem__(self, path: str) -> DalCommand:
         """A command from a dotted path (``dal['users.profile.get']``); a leading ``dal.``
@@ -212,10 +246,20 @@ class DataAccessLayer:
         names = path.split(".")
         if names and names[0] == "dal":
             names = names[1:]
-        return DalCommand(self._call, tuple(PathSegment(n) for n in names))
+        return _DalPath._from_names(self._call, tuple(names))
 
 
 _DAL = DataAccessLayer
+
+
+class _DalPath(DalCommand):
+    """A command built by the DAL itself: calls go straight to the DAL with plain names."""
+
+    __slots__ = ()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        dal: DataAccessLayer = self._handler.__self__  # type: ignore[attr-defined]
+        return dal._call_names(self.names, args, kwargs)
 
 
 def _async_link(middleware: Any, inner: Callable[[DalCommandRequest], Any]) -> Any:

@@ -25,19 +25,18 @@ Generators (middleware and resources) are driven one step at a time by
 :class:`contextvars.Context`, so that whatever a generator sets (a contextvar, an
 OpenTelemetry current span) never leaks into the caller. The outcome of a step is
 classified into an :class:`Outcome`; what the outcome *means* (suppression,
-replacement, a recorded teardown error) is decided by
-:meth:`polydatum.context.DataAccessContext` using :func:`teardown_plan`, which holds the
-exception semantics of DESIGN.md §2 in one generator shared by the sync and async
-paths. This module knows nothing of OpenTelemetry: telemetry is reached through the
-opaque ``scope`` objects a :class:`StepObserver` hands out.
+replacement, a recorded teardown error) is decided by :func:`after_middleware_teardown`
+and :func:`step_error`, which hold the exception semantics of DESIGN.md §2 for both the
+sync and the async driver in :mod:`polydatum.context`. This module knows nothing of
+OpenTelemetry: telemetry is reached through the opaque ``scope`` objects a
+:class:`StepObserver` hands out.
 """
 
 from __future__ import annotations
 
 import contextvars
 import enum
-from collections.abc import AsyncGenerator, Awaitable, Callable, Generator
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, Generator
 from typing import Any, Protocol
 
 from polydatum.errors import ContextStateError
@@ -52,6 +51,10 @@ class State(enum.Enum):
     TEARING_DOWN_MIDDLEWARE = "tearing_down_middleware"
     TEARING_DOWN_RESOURCES = "tearing_down_resources"
     EXITED = "exited"
+
+    # Members are singletons: identity hashing (C-level) instead of Enum's
+    # Python-level hash of the name, which showed up in profiles of the hot path.
+    __hash__ = object.__hash__
 
 
 #: ``(state, event) -> next state``: every legal transition, and nothing else.
@@ -113,16 +116,22 @@ class StepScope(Protocol):
     def leave(self) -> None: ...
 
 
-@dataclass(slots=True)
 class GeneratorRecord:
-    """A middleware or resource generator in flight, with the context it runs in."""
+    """A middleware or resource generator in flight, with the context it runs in.
 
-    kind: str  # "middleware" or "resource"
-    name: str
-    position: int
-    gen: Any  # Generator or AsyncGenerator
-    is_async: bool
-    cv: contextvars.Context = field(default_factory=contextvars.copy_context)
+    ``cv`` is a copy of the caller's :class:`contextvars.Context` taken when the
+    generator is created; every step of the generator runs inside it.
+    """
+
+    __slots__ = ("cv", "gen", "is_async", "kind", "name", "position")
+
+    def __init__(self, kind: str, name: str, position: int, gen: Any, is_async: bool) -> None:
+        self.kind = kind  # "middleware" or "resource"
+        self.name = name
+        self.position = position
+        self.gen = gen  # a Generator or an AsyncGenerator
+        self.is_async = is_async
+        self.cv = contextvars.copy_context()
 
 
 def _classify(exc: BaseException | None, raised: BaseException) -> Outcome:
@@ -238,22 +247,6 @@ async def aclose_quietly(rec: GeneratorRecord) -> BaseException | None:
     return None
 
 
-@dataclass(slots=True)
-class TeardownStep:
-    """One teardown the plan asks the driver to perform."""
-
-    rec: GeneratorRecord
-    exc: BaseException | None
-
-
-@dataclass(slots=True)
-class StepResult:
-    """What the driver reports back to the plan for one teardown step."""
-
-    outcome: Outcome
-    error: BaseException | None  # the exception raised by the step, if any
-
-
 def twice_yielded(rec: GeneratorRecord) -> RuntimeError:
     """The error for a generator that yielded again on teardown."""
     return RuntimeError(
@@ -262,39 +255,36 @@ def twice_yielded(rec: GeneratorRecord) -> RuntimeError:
     )
 
 
-TeardownPlan = Generator[TeardownStep, StepResult, BaseException | None]
+def step_error(rec: GeneratorRecord, outcome: Outcome, value: Any) -> BaseException | None:
+    """The exception a teardown step ended with (``None`` when it finished cleanly).
 
-
-def middleware_teardown_plan(
-    stack: list[GeneratorRecord], exc: BaseException | None
-) -> TeardownPlan:
-    """Tear middleware down, innermost first, threading the exception outward.
-
-    Each middleware sees the exception as it stands: it may suppress it (return from
-    its ``yield``), replace it (raise another) or let it through. Returns the exception
-    left at the end (``None`` when none, or when it was suppressed).
+    A second ``yield`` becomes :func:`twice_yielded`'s ``RuntimeError``.
     """
-    while stack:
-        rec = stack.pop()
-        result = yield TeardownStep(rec, exc)
-        if result.outcome is Outcome.SUPPRESSED:
-            exc = None
-        elif result.outcome is Outcome.RAISED:
-            exc = result.error
-        elif result.outcome is Outcome.YIELDED:
-            exc = result.error  # the driver turns a second yield into RuntimeError
-    return exc
-
-
-def resource_teardown_plan(stack: list[GeneratorRecord], exc: BaseException | None) -> TeardownPlan:
-    """Tear resources down, most recently created first.
-
-    Every resource sees the same exception (``exc``); errors they raise are recorded
-    by the driver and never reach another resource or the caller.
-    """
-    while stack:
-        yield TeardownStep(stack.pop(), exc)
+    if outcome is Outcome.RAISED or outcome is Outcome.PROPAGATED:
+        error: BaseException = value
+        return error
+    if outcome is Outcome.YIELDED:
+        return twice_yielded(rec)
     return None
+
+
+def after_middleware_teardown(
+    exc: BaseException | None, outcome: Outcome, error: BaseException | None
+) -> BaseException | None:
+    """The exception that travels on to the next (outer) middleware and to the resources.
+
+    This is the heart of DESIGN.md §2: middleware are torn down innermost first, each
+    seeing the exception as it stands; returning from the ``yield`` suppresses it,
+    raising another replaces it (a second ``yield`` counts as raising
+    ``RuntimeError``), anything else lets it through. Resources, torn down after
+    all middleware (most recently created first), all see the exception left at the
+    end, and errors they raise never change it: they are recorded instead.
+    """
+    if outcome is Outcome.SUPPRESSED:
+        return None
+    if outcome is Outcome.RAISED or outcome is Outcome.YIELDED:
+        return error
+    return exc
 
 
 class StepObserver(Protocol):
@@ -309,6 +299,3 @@ class StepObserver(Protocol):
         error: BaseException | None,
         seen: BaseException | None,
     ) -> None: ...
-
-
-Callback = Callable[..., Awaitable[Any]]

@@ -92,26 +92,53 @@ class DalCommand:
     """A deferred DAL path: attribute access extends it, calling it runs it.
 
     Not bound to a context, so it can be stored and called later (inside a context).
+    ``path`` is a tuple of :class:`PathSegment`; the handler is called as
+    ``handler(path, *args, **kwargs)``.
     """
 
     PathSegment: type[_Segment] = _Segment
 
-    __slots__ = ("_handler", "path")
+    __slots__ = ("_handler", "_names", "_path")
 
     def __init__(self, handler: Callable[..., Any], path: tuple[_Segment, ...]) -> None:
         self._handler = handler
-        self.path = path
+        self._path: tuple[_Segment, ...] | None = tuple(path)
+        self._names: tuple[str, ...] | None = None
+
+    @classmethod
+    def _from_names(cls, handler: Callable[..., Any], names: tuple[str, ...]) -> DalCommand:
+        # The DAL's own commands carry plain names; segments are built only if asked for.
+        command = cls.__new__(cls)
+        command._handler = handler
+        command._names = names
+        command._path = None
+        return command
+
+    @property
+    def path(self) -> tuple[_Segment, ...]:
+        if self._path is None:
+            self._path = tuple(self.PathSegment(n) for n in self._names or ())
+        return self._path
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The path as plain strings."""
+        if self._names is None:
+            self._names = tuple(p.name for p in self.path)
+        return self._names
 
     def __getattr__(self, name: str) -> DalCommand:
         if name.startswith("__"):
             raise AttributeError(name)
+        if self._names is not None:
+            return self._from_names(self._handler, (*self._names, name))
         return self.__class__(self._handler, (*self.path, self.PathSegment(name=name)))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._handler(self.path, *args, **kwargs)
 
     def __str__(self) -> str:
-        return ".".join(p.name for p in self.path)
+        return ".".join(self.names)
 
     def __repr__(self) -> str:
         return f"<DalCommand {self}>"

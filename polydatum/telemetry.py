@@ -33,6 +33,7 @@ import structlog
 from opentelemetry import context as otel_context
 from opentelemetry import metrics as otel_metrics
 from opentelemetry import trace
+from opentelemetry.metrics import _internal as _metrics_internal
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from polydatum.lifecycle import Outcome
@@ -150,23 +151,39 @@ def redact_meta(meta: Meta | Mapping[str, Any], allow: Iterable[str]) -> dict[st
 # ------------------------------------------------------------------------ logging
 
 
+_LEVEL_CACHE: dict[tuple[Any, int], bool] = {}
+
+
 def _level_enabled(level: int) -> bool:
     """Whether the application's structlog configuration would emit ``level`` for polydatum.
 
     Unconfigured structlog prints everything; polydatum then only emits warnings.
+    Checked once per context; the answer for a filtering wrapper class is cached
+    (structlog's own filtering loggers fix their level in the class).
     """
     if not structlog.is_configured():
         return level >= logging.WARNING
-    wrapper = structlog.get_config()["wrapper_class"]
+    config = getattr(structlog._config, "_CONFIG", None)
+    wrapper = getattr(config, "default_wrapper_class", None)
+    if wrapper is None:
+        wrapper = structlog.get_config()["wrapper_class"]
+    key = (wrapper, level)
+    cached = _LEVEL_CACHE.get(key)
+    if cached is not None:
+        return cached
+    if isinstance(wrapper, type) and issubclass(wrapper, structlog.stdlib.BoundLogger):
+        # The stdlib logger's level can change at any time: ask it every time.
+        return logging.getLogger(LOGGER_NAME).isEnabledFor(level)
     probe = getattr(wrapper, "is_enabled_for", None)
+    answer = True
     if probe is not None:
         try:
-            return bool(probe(None, level))
+            answer = bool(probe(None, level))
         except Exception:
-            pass
-    if isinstance(wrapper, type) and issubclass(wrapper, structlog.stdlib.BoundLogger):
-        return logging.getLogger(LOGGER_NAME).isEnabledFor(level)
-    return True
+            answer = True
+    if len(_LEVEL_CACHE) < 256:
+        _LEVEL_CACHE[key] = answer
+    return answer
 
 
 def _logger(**bound: Any) -> Any:
@@ -267,9 +284,7 @@ def _global_tracer_provider_set() -> bool:
 
 
 def _global_meter_provider_set() -> bool:
-    from opentelemetry.metrics import _internal as metrics_internal
-
-    return getattr(metrics_internal, "_METER_PROVIDER", None) is not None
+    return getattr(_metrics_internal, "_METER_PROVIDER", None) is not None
 
 
 class _Instruments:
