@@ -20,10 +20,9 @@ are those of :mod:`polydatum.lifecycle`; the exception semantics are:
 
 from __future__ import annotations
 
-import inspect
 import os
 from contextvars import ContextVar, Token
-from types import TracebackType
+from types import AsyncGeneratorType, GeneratorType, TracebackType
 from typing import TYPE_CHECKING, Any
 
 from polydatum.errors import (
@@ -44,7 +43,7 @@ from polydatum.lifecycle import (
     adrive,
     after_middleware_teardown,
     close_quietly,
-    drive,
+    step,
     step_error,
     transition,
 )
@@ -79,6 +78,16 @@ class DataAccessContext:
     that happened. In an async context, ``await ctx.aresource('db')`` also creates
     async-generator resources. A context is single-use.
     """
+
+    #: Whether a subclass overrides one of 0.9.1's hooks (skips three no-op calls if not).
+    _has_hooks = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._has_hooks = any(
+            getattr(cls, hook) is not getattr(DataAccessContext, hook)
+            for hook in ("_setup_hook", "_teardown_hook", "_final_hook")
+        )
 
     def __init__(self, data_manager: DataManager, meta: Meta | dict[str, Any] | None = None):
         self.data_manager = data_manager
@@ -137,7 +146,7 @@ class DataAccessContext:
             self._creating.discard(name)
             self._finish_resource(rec, scope, Outcome.RAISED, self._async_misuse(name))
         try:
-            outcome, value = drive(rec, None, scope)
+            outcome, value = rec.cv.run(step, rec.gen, None, scope)
         finally:
             self._creating.discard(name)
         return self._finish_resource(rec, scope, outcome, value)
@@ -165,7 +174,7 @@ class DataAccessContext:
         try:
             for position, middleware in enumerate(self.data_manager.get_middleware(self)):
                 rec, scope = self._start_middleware(position, middleware)
-                outcome, value = drive(rec, None, scope)
+                outcome, value = rec.cv.run(step, rec.gen, None, scope)
                 self._finish_middleware_setup(rec, scope, outcome, value)
         except BaseException as error:
             self._state = transition(self._state, "setup_failed")
@@ -199,8 +208,8 @@ class DataAccessContext:
         stack = self._middleware_stack
         while stack:
             rec = stack.pop()
-            scope = self._start_teardown(rec)
-            outcome, value = drive(rec, current, scope)
+            scope = None if self._telemetry is None else self._start_teardown(rec)
+            outcome, value = rec.cv.run(step, rec.gen, current, scope)
             if outcome is Outcome.YIELDED:
                 close_quietly(rec)
             current = self._finish_middleware_teardown(rec, scope, current, outcome, value)
@@ -208,8 +217,8 @@ class DataAccessContext:
         stack = self._resource_stack
         while stack:
             rec = stack.pop()
-            scope = self._start_teardown(rec)
-            outcome, value = drive(rec, current, scope)
+            scope = None if self._telemetry is None else self._start_teardown(rec)
+            outcome, value = rec.cv.run(step, rec.gen, current, scope)
             if outcome is Outcome.YIELDED:
                 close_quietly(rec)
             self._finish_resource_teardown(rec, scope, current, outcome, value)
@@ -256,7 +265,7 @@ class DataAccessContext:
         stack = self._middleware_stack
         while stack:
             rec = stack.pop()
-            scope = self._start_teardown(rec)
+            scope = None if self._telemetry is None else self._start_teardown(rec)
             outcome, value = await adrive(rec, current, scope)
             if outcome is Outcome.YIELDED:
                 await aclose_quietly(rec)
@@ -265,7 +274,7 @@ class DataAccessContext:
         stack = self._resource_stack
         while stack:
             rec = stack.pop()
-            scope = self._start_teardown(rec)
+            scope = None if self._telemetry is None else self._start_teardown(rec)
             outcome, value = await adrive(rec, current, scope)
             if outcome is Outcome.YIELDED:
                 await aclose_quietly(rec)
@@ -283,7 +292,8 @@ class DataAccessContext:
         self._telemetry = telemetry
         if telemetry is not None:
             telemetry.begin()
-        self._setup_hook()
+        if self._has_hooks:
+            self._setup_hook()
 
     def _end(
         self, exc: BaseException | None, final: BaseException | None, setup_failed: bool
@@ -295,15 +305,18 @@ class DataAccessContext:
         """
         if setup_failed and final is None:
             final = exc
-        try:
-            self._teardown_hook(final)
-        except Exception as error:
-            self._record_teardown_error("_teardown_hook", error)
+        if self._has_hooks:
+            try:
+                self._teardown_hook(final)
+            except Exception as error:
+                self._record_teardown_error("_teardown_hook", error)
         self._state = transition(self._state, "resources_done")
-        if self.data_manager.teardown_errors == "raise" and self._resource_exit_errors:
+        # An ExceptionGroup holds Exceptions only: BaseExceptions (KeyboardInterrupt)
+        # a resource raised at teardown stay recorded, as under the "record" policy.
+        grouped = [e for _, e, _ in self._resource_exit_errors if isinstance(e, Exception)]
+        if self.data_manager.teardown_errors == "raise" and grouped:
             group = TeardownErrors(
-                f"{len(self._resource_exit_errors)} resource(s) failed to tear down",
-                [e for _, e, _ in self._resource_exit_errors if isinstance(e, Exception)],
+                f"{len(self._resource_exit_errors)} resource(s) failed to tear down", grouped
             )
             group.__cause__ = final
             final = group
@@ -313,7 +326,8 @@ class DataAccessContext:
                 self._telemetry.finish(final, suppressed)
                 self._telemetry = None
         finally:
-            self._final_hook(final)
+            if self._has_hooks:
+                self._final_hook(final)
             token, self._token = self._token, None
             if token is not None:
                 try:
@@ -337,7 +351,7 @@ class DataAccessContext:
             if telemetry is not None:
                 telemetry.step_finished(scope, Outcome.RAISED, error, None)  # type: ignore[arg-type]
             raise
-        is_async = inspect.isasyncgen(gen)
+        is_async = isinstance(gen, AsyncGeneratorType)
         rec = GeneratorRecord("middleware", name, position, gen, is_async)
         problem: BaseException | None = None
         if is_async and not self._is_async:
@@ -345,7 +359,7 @@ class DataAccessContext:
                 f"Middleware {name!r} is an async generator: enter the context with "
                 f"`async with dm.context()` (or register a sync generator)."
             )
-        elif not is_async and not inspect.isgenerator(gen):
+        elif not is_async and not isinstance(gen, GeneratorType):
             problem = MiddlewareSetupException(
                 f"Middleware {name!r} returned {type(gen).__name__}, not a generator: "
                 f"middleware must be a generator function that yields once."
@@ -420,11 +434,11 @@ class DataAccessContext:
             if telemetry is not None:
                 telemetry.step_finished(scope, Outcome.RAISED, error, None)  # type: ignore[arg-type]
             raise
-        is_async = inspect.isasyncgen(gen)
+        is_async = isinstance(gen, AsyncGeneratorType)
         problem: BaseException | None = None
         if is_async and not self._is_async:
             problem = self._async_misuse(name)
-        elif not is_async and not inspect.isgenerator(gen):
+        elif not is_async and not isinstance(gen, GeneratorType):
             problem = ResourceSetupException(
                 f"Resource {name!r} returned {type(gen).__name__}, not a generator: "
                 f"resources must be generator callables that yield once."

@@ -148,9 +148,11 @@ def _classify(exc: BaseException | None, raised: BaseException) -> Outcome:
     return Outcome.RAISED
 
 
-def _step_sync(
+def step(
     gen: Generator[Any, None, None], exc: BaseException | None, scope: StepScope | None
 ) -> tuple[Outcome, Any]:
+    """Advance a sync generator one step; call it inside the generator's context
+    (``rec.cv.run(step, rec.gen, exc, scope)``), as :func:`drive` does."""
     if scope is not None:
         scope.enter()
     try:
@@ -172,7 +174,7 @@ def drive(
 
     Returns the outcome and the yielded value or the exception raised.
     """
-    return rec.cv.run(_step_sync, rec.gen, exc, scope)
+    return rec.cv.run(step, rec.gen, exc, scope)
 
 
 async def _step_async(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Self
 
+from polydatum.context import _active
 from polydatum.errors import AlreadyExistsException, NoActiveContextError
 
 if TYPE_CHECKING:
@@ -53,9 +54,7 @@ class Service:
     @property
     def _ctx(self) -> DataAccessContext:
         """The active context; ``RuntimeError`` when none is active."""
-        from polydatum.context import get_active_context
-
-        ctx = get_active_context()
+        ctx = _active.get()
         if ctx is None:
             raise NoActiveContextError(
                 f"{type(self).__name__}._ctx used with no context active; call services "
