@@ -155,6 +155,23 @@ class Resolved:
     is_async: bool
 
 
+def _class_attribute(cls: type, name: str) -> Any:
+    """``name`` as defined by the service's own classes (and mixins).
+
+    The framework's :class:`~polydatum.services.Service` (``setup``,
+    ``register_services``), ``object`` and the metaclass are never searched: their
+    methods are not service methods, and a DAL path may come from untrusted input.
+    """
+    from polydatum.services import Service
+
+    for klass in cls.__mro__:
+        if klass is Service or klass is object:
+            continue
+        if name in klass.__dict__:
+            return klass.__dict__[name]
+    return None
+
+
 def resolve_path(services: Mapping[str, Service], names: tuple[str, ...]) -> Resolved:
     """Resolve ``names`` to a public method of a registered service, or raise DalMethodError."""
     path = tuple(PathSegment(n) for n in names)
@@ -177,7 +194,7 @@ def resolve_path(services: Mapping[str, Service], names: tuple[str, ...]) -> Res
     subs = service.__dict__.get("_services") or {}
     if method in subs:
         raise DalMethodError(path, "a service, not a method")
-    static = inspect.getattr_static(type(service), method, None)
+    static = _class_attribute(type(service), method)
     if (
         static is None
         or isinstance(static, property)

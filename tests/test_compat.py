@@ -423,3 +423,12 @@ def test_module_layout() -> None:
     for name in ("DataManager", "Service", "DataAccessLayer"):
         assert hasattr(polydatum, name)
     assert "polydatum.dal" in sys.modules
+
+
+@pytest.mark.parametrize(
+    "path", ["users.register_services", "users.setup", "users.mro", "users.profile.setup"]
+)
+def test_framework_methods_are_not_service_methods(dm: DataManager, path: str) -> None:
+    with dm.dal() as dal:
+        with pytest.raises(DalMethodError, match="has no public method"):
+            dal[path]()
