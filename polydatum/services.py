@@ -22,8 +22,10 @@ class Service:
 
     def __init__(self) -> None:
         self._services: dict[str, Service] = {}
-        self._data_manager: DataManager | None = None
-        self._dal: DataAccessLayer | None = None
+        # None until the service is registered with a DataManager; typed as set
+        # because service methods only run once registered (no assert needed).
+        self._data_manager: DataManager = None  # type: ignore[assignment]
+        self._dal: DataAccessLayer = None  # type: ignore[assignment]
 
     def register_services(self, **services: Service) -> Self:
         """Register sub-services (``dal.users.profile``); returns ``self`` for chaining."""
@@ -46,8 +48,8 @@ class Service:
 
     def setup(self, data_manager: DataManager | None) -> None:
         """Bind this service (and its sub-services) to a DataManager; called on registration."""
-        self._data_manager = data_manager
-        self._dal = data_manager.get_dal() if data_manager is not None else None
+        self._data_manager = data_manager  # type: ignore[assignment]
+        self._dal = data_manager.get_dal() if data_manager is not None else None  # type: ignore[assignment]
         for service in self.__dict__.get("_services", {}).values():
             service.setup(data_manager)
 
