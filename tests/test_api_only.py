@@ -1,0 +1,87 @@
+"""polydatum works with its two runtime dependencies alone (no OpenTelemetry SDK).
+
+Builds a fresh virtualenv holding only ``opentelemetry-api``, ``structlog`` and
+polydatum itself, and runs a small application in it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+APP = textwrap.dedent(
+    """
+    import importlib.util
+    assert importlib.util.find_spec("opentelemetry.sdk") is None, "SDK must not be installed"
+    assert importlib.util.find_spec("sqlalchemy") is None
+
+    from polydatum import DataManager, Service
+
+    class Books(Service):
+        def get(self, book_id):
+            return (self._ctx.db, book_id)
+
+    def db(ctx):
+        yield "db"
+
+    def flaky(ctx):
+        yield "flaky"
+        raise OSError("close failed")
+
+    def mw(ctx):
+        yield
+
+    dm = DataManager(meta_attributes=["user"])
+    dm.register_services(books=Books())
+    dm.register_resources(db=db, flaky=flaky)
+    dm.register_context_middleware(mw)
+    dm.validate()
+    with dm.dal({"user": "ann"}) as dal:
+        assert dal.books.get(1) == ("db", 1)
+    with dm.context() as ctx:
+        ctx.flaky
+    assert [type(e) for _, e, _ in ctx.get_resource_exit_errors()] == [OSError]
+    print("api-only-ok")
+    """
+)
+
+
+def test_runs_with_api_and_structlog_only(tmp_path: Path) -> None:
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=True)
+    python = env_dir / "bin" / "python"
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "--no-deps", str(ROOT)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    # The declared runtime dependencies, resolved as pip would for a user.
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "opentelemetry-api>=1.27", "structlog>=23.1"],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    result = subprocess.run(
+        [str(python), "-c", APP], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[-1] == "api-only-ok"
+    # The suppressed teardown error is the one line an unconfigured app sees.
+    assert "polydatum.resource.teardown_error_suppressed" in result.stdout
+    assert "OSError: close failed" in result.stdout
+
+
+def test_runtime_dependencies_are_declared_minimal() -> None:
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["dependencies"] == ["opentelemetry-api>=1.27", "structlog>=23.1"]
+    assert sys.version_info >= (3, 11)
