@@ -28,7 +28,7 @@ import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import _workloads  # noqa: E402
+import _workloads
 
 
 def main() -> None:

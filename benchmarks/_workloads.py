@@ -93,7 +93,7 @@ def blob(ctx: Any) -> Generator[dict[str, Any], None, None]:
     yield bucket
 
 
-def build(shape: str, DataManager: Any, Service: Any, **dm_options: Any) -> Any:  # noqa: N803
+def build(shape: str, DataManager: Any, Service: Any, **dm_options: Any) -> Any:
     """A DataManager with the services, resources and middleware of ``shape`` ("A" or "B").
 
     ``DataManager`` and ``Service`` come from whichever polydatum is importable, so

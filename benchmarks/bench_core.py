@@ -34,6 +34,7 @@ per-round ratios.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import logging
@@ -81,6 +82,7 @@ LEGACY_VERSION = "0.9.1"
 #: 2.3, 3.0 and 3.1 alike; pinning keeps the comparator stable between runs).
 LEGACY_REQUIREMENTS = (f"polydatum=={LEGACY_VERSION}", "werkzeug>=2.3,<2.4", "six")
 DEFAULT_VENV = ROOT / ".bench-venv-091"
+PROBE = "import importlib.metadata as m; print(m.version('polydatum'))"
 RUNNER = HERE / "_legacy_runner.py"
 
 MEMORY_LIMIT_BYTES = 1024 * 1024
@@ -99,7 +101,7 @@ def ensure_legacy_venv(venv: Path) -> Path:
     python = venv / "bin" / "python"
     if python.exists():
         probe = subprocess.run(
-            [str(python), "-I", "-c", "import importlib.metadata as m; print(m.version('polydatum'))"],
+            [str(python), "-I", "-c", PROBE],
             capture_output=True,
             text=True,
         )
@@ -150,10 +152,8 @@ class LegacyProcess:
 
     def close(self) -> None:
         if self.proc.poll() is None:
-            try:
+            with contextlib.suppress(RuntimeError, OSError):
                 self.ask("quit")
-            except (RuntimeError, BrokenPipeError, OSError):
-                pass
             try:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
@@ -337,7 +337,9 @@ def normalized(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
-def condition_idle(child: LegacyProcess | None, rounds: int, sizes: dict[str, int]) -> dict[str, Any]:
+def condition_idle(
+    child: LegacyProcess | None, rounds: int, sizes: dict[str, int]
+) -> dict[str, Any]:
     structlog_quiet()
     contenders: dict[str, Contender] = {}
     recording = {}
@@ -357,9 +359,8 @@ def condition_idle(child: LegacyProcess | None, rounds: int, sizes: dict[str, in
     comparisons = []
     if child is not None:
         for shape in ("A", "B"):
-            comparisons.append(
-                compare(contenders[f"polydatum {shape}"], contenders[f"legacy {shape}"], TARGETS["idle"])
-            )
+            ours, legacy = contenders[f"polydatum {shape}"], contenders[f"legacy {shape}"]
+            comparisons.append(compare(ours, legacy, TARGETS["idle"]))
     return {
         "name": "idle",
         "setup": "no SDK configured; structlog filtering below WARNING",
@@ -378,7 +379,10 @@ def condition_traced(name: str, rounds: int, sizes: dict[str, int]) -> dict[str,
         meter_provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
         structlog_json_info()
         logger = structlog.get_logger("app")
-        setup = "SDK TracerProvider + BatchSpanProcessor(drop); MeterProvider + InMemoryMetricReader; structlog JSON at INFO to /dev/null"
+        setup = (
+            "SDK TracerProvider + BatchSpanProcessor(drop); MeterProvider + "
+            "InMemoryMetricReader; structlog JSON at INFO to /dev/null"
+        )
         reference_name = "hand-written A (6 spans + 1 INFO line)"
     else:
         structlog_quiet()
@@ -436,7 +440,7 @@ def memory_check(name: str, contexts: int) -> dict[str, Any]:
         structlog_json_info()
     else:
         structlog_quiet()
-    dm, run = polydatum_request("A", **options)
+    _, run = polydatum_request("A", **options)
 
     def settle() -> None:
         if provider is not None:
@@ -487,17 +491,19 @@ def memory_check(name: str, contexts: int) -> dict[str, Any]:
 
 
 def render(report: dict[str, Any]) -> str:
+    legacy = report["legacy"].get("polydatum", "-")
+    quick = "  [QUICK: figures are not meaningful]" if report["quick"] else ""
     lines = [
-        f"polydatum {report['polydatum']} (this checkout) vs {report['legacy'].get('polydatum', '-')}"
-        f" (legacy child) on Python {report['python']}; {report['rounds']} interleaved rounds"
-        + ("  [QUICK: figures are not meaningful]" if report["quick"] else ""),
+        f"polydatum {report['polydatum']} (this checkout) vs {legacy} (legacy child) "
+        f"on Python {report['python']}; {report['rounds']} interleaved rounds{quick}",
         "",
         f"{'condition':<11} {'contender':<40} {'batch':>6} {'median µs':>10} {'min µs':>9}",
     ]
     for cond in report["conditions"]:
         for name, c in cond["contenders"].items():
             lines.append(
-                f"{cond['name']:<11} {name:<40} {c['batch']:>6} {c['median_us']:>10.2f} {c['min_us']:>9.2f}"
+                f"{cond['name']:<11} {name:<40} {c['batch']:>6} "
+                f"{c['median_us']:>10.2f} {c['min_us']:>9.2f}"
             )
     lines += [
         "",
@@ -507,19 +513,22 @@ def render(report: dict[str, Any]) -> str:
     for cond in report["conditions"]:
         for cmp in cond["comparisons"]:
             pair = f"{cmp['subject']} / {cmp['reference']}"
+            target = f"<= {cmp['target']}"
             verdict = "met" if cmp["met"] else "MISSED"
             lines.append(
-                f"{cond['name']:<11} {pair:<54} {cmp['median_ratio']:>6.2f} {cmp['min_ratio']:>6.2f} "
-                f"{cmp['paired_ratio']:>6.2f} {'<= ' + str(cmp['target']):>7}  {verdict}"
+                f"{cond['name']:<11} {pair:<54} {cmp['median_ratio']:>6.2f} "
+                f"{cmp['min_ratio']:>6.2f} {cmp['paired_ratio']:>6.2f} {target:>7}  {verdict}"
             )
     if report["memory"]:
         lines += ["", "memory (sequential shape-A contexts):"]
         for m in report["memory"]:
+            kib = m["retained_bytes"] / 1024
+            verdict = "met" if m["met"] else "MISSED"
             lines.append(
-                f"  {m['condition']:<11} {m['contexts']:>7} contexts: {m['alive_after_gc']} context "
-                f"objects alive after gc, {m['alive_without_gc_per_200']} per 200 without gc, "
-                f"{m['retained_bytes'] / 1024:.1f} KiB retained (limit "
-                f"{m['limit_bytes'] // 1024} KiB)  {'met' if m['met'] else 'MISSED'}"
+                f"  {m['condition']:<11} {m['contexts']:>7} contexts: "
+                f"{m['alive_after_gc']} context objects alive after gc "
+                f"({m['alive_without_gc_per_200']} per 200 with gc off), "
+                f"{kib:.1f} KiB retained (limit {m['limit_bytes'] // 1024} KiB)  {verdict}"
             )
     check = report.get("span_check")
     if check is not None:
