@@ -393,19 +393,17 @@ def render(context: Step, *, width: int = PLAIN_WIDTH) -> RenderableType:
     parts: list[Any] = [grid]
     path = exception_path(context)
     if path:
-        block = Text("\nException path\n", style="bold")
+        parts += [Text(""), Text("Exception path", style="bold")]
+        final_style = "bold red" if context.failed else "bold yellow"
         for i, line in enumerate(path, 1):
             if line.startswith("→"):
-                block.append(f"  {line}\n", style="bold red" if context.failed else "bold yellow")
+                parts.append(Text(f"  {line}", style=final_style))
             else:
-                block.append(f"  {i}. {line}\n")
-        parts.append(block)
+                parts.append(Text(f"  {i}. {line}"))
     errors = teardown_errors(context)
     if errors:
-        block = Text("\nSuppressed teardown errors\n", style="bold yellow")
-        for line in errors:
-            block.append(f"  ⚠ {line}\n", style="yellow")
-        parts.append(block)
+        parts += [Text(""), Text("Suppressed teardown errors", style="bold yellow")]
+        parts += [Text(f"  ⚠ {line}", style="yellow") for line in errors]
     return Group(*parts)
 
 

@@ -189,19 +189,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if progress_bar is not None:
             progress_bar.update(task, completed=done, total=total)
 
-    if config.prometheus_port is not None and not args.json:
-        print(
-            f"serving /metrics on http://{config.prometheus_host}:{config.prometheus_port}"
-            "/metrics; Ctrl-C to stop",
-            file=sys.stderr,
-            flush=True,
-        )
+    def announce(url: str) -> None:
+        print(f"serving {url}; Ctrl-C to stop", file=sys.stderr, flush=True)
+
     try:
         if progress_bar is not None:
             with progress_bar:
-                result = run(config, progress)
+                result = run(config, progress, announce=announce)
         else:
-            result = run(config, progress)
+            result = run(config, progress, announce=announce)
     except DemoError as error:
         raise CliError(str(error)) from None
     if args.json:

@@ -277,6 +277,7 @@ def run(
     config: DemoConfig,
     progress: Callable[[int, int | None], None] | None = None,
     stop_event: threading.Event | None = None,
+    announce: Callable[[str], None] | None = None,
 ) -> DemoResult:
     """Run the demo. ``progress(done, total)`` is called after each request.
 
@@ -313,6 +314,8 @@ def run(
             reader, metrics_url, stop_server = _serve_metrics(config, PrometheusMetricReader)
             readers.append(reader)
             cleanups.append(stop_server)
+            if announce is not None:
+                announce(metrics_url)
         if config.otlp_endpoint:
             _add_otlp(config.otlp_endpoint, tracer_provider, readers)
         meter_provider = MeterProvider(resource=resource, metric_readers=readers)
