@@ -181,6 +181,8 @@ class DataAccessContext:
             final = self._teardown(error, setup_failed=True)
             if final is None or final is error:
                 raise
+            if isinstance(final, TeardownErrors):
+                raise final  # its __cause__ already is the error the setup ended with
             raise final from error  # a middleware replaced the setup error
         self._state = transition(self._state, "setup_done")
         return self
@@ -238,6 +240,8 @@ class DataAccessContext:
             final = await self._ateardown(error, setup_failed=True)
             if final is None or final is error:
                 raise
+            if isinstance(final, TeardownErrors):
+                raise final  # its __cause__ already is the error the setup ended with
             raise final from error  # a middleware replaced the setup error
         self._state = transition(self._state, "setup_done")
         return self

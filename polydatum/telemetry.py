@@ -615,7 +615,9 @@ class ContextTelemetry:
         span = step.span
         if span is not None:
             if step.phase == "teardown":
-                span.set_attribute("polydatum.outcome", _PHASE_OUTCOMES[outcome])
+                # A second yield at teardown is a failure of the step, not "ok".
+                label = "raised" if failed else _PHASE_OUTCOMES[outcome]
+                span.set_attribute("polydatum.outcome", label)
                 if seen is not None:
                     span.set_attribute("polydatum.exception.seen", error_type(seen))
             if failed:
