@@ -1,0 +1,58 @@
+"""OpenTelemetry instrumentation for polydatum.
+
+polydatum records its own spans, metrics and logs through ``opentelemetry-api`` (see
+``polydatum.telemetry``); nothing needs patching. This package makes that telemetry
+follow the OpenTelemetry conventions for instrumentations:
+
+* ``opentelemetry-instrument python app.py`` loads :class:`PolydatumInstrumentor`
+  through the ``opentelemetry_instrumentor`` entry point and calls ``instrument()``,
+  which turns polydatum's telemetry on; spans and metrics go to whatever SDK the
+  application (or an OpenTelemetry distro) configured as the global providers.
+* ``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS=polydatum`` turns it off: the instrumentor
+  is then never loaded, and polydatum reads the same variable when it is imported.
+* ``PolydatumInstrumentor().uninstrument()`` turns it off at run time.
+
+Usage without the ``opentelemetry-instrument`` wrapper::
+
+    from opentelemetry.instrumentation.polydatum import PolydatumInstrumentor
+
+    PolydatumInstrumentor().instrument()
+
+Providers: a DataManager created with ``tracer_provider=`` / ``meter_provider=`` uses
+those; every other DataManager uses the global providers, looked up per context (so
+an SDK configured after the DataManager was created is picked up).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from typing import Any
+
+from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
+from opentelemetry.instrumentation.polydatum.package import _instruments
+from opentelemetry.instrumentation.polydatum.version import __version__
+
+__all__ = ["PolydatumInstrumentor", "__version__"]
+
+
+class PolydatumInstrumentor(BaseInstrumentor):  # type: ignore[misc]
+    """Turns polydatum's native telemetry on (``instrument``) and off (``uninstrument``)."""
+
+    def instrumentation_dependencies(self) -> Collection[str]:
+        return _instruments
+
+    def _instrument(self, **kwargs: Any) -> None:
+        from polydatum import telemetry
+
+        if kwargs.get("tracer_provider") is not None or kwargs.get("meter_provider") is not None:
+            raise TypeError(
+                "polydatum takes providers per DataManager: "
+                "DataManager(tracer_provider=..., meter_provider=...); "
+                "instrument() turns telemetry on for the global providers"
+            )
+        telemetry.enable()
+
+    def _uninstrument(self, **kwargs: Any) -> None:
+        from polydatum import telemetry
+
+        telemetry.disable()

@@ -1,0 +1,3 @@
+"""The version of opentelemetry-instrumentation-polydatum (follows polydatum's)."""
+
+__version__ = "2.0.0.dev0"
