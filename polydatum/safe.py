@@ -36,7 +36,7 @@ The :class:`Safe` API
 ---------------------
 ``safe[key] = value``; ``safe[key]`` (``KeyError`` when absent);
 ``safe.get(key, default=None)``; ``del safe[key]`` (``KeyError`` when absent);
-``key in safe``; ``len(safe)``; ``for key in safe`` (keys in sorted order);
+``key in safe``; ``len(safe)``; ``for key in safe`` (keys sorted as Python sorts str);
 ``safe.keys()`` / ``values()`` / ``items()`` (lists); ``safe.pop(key[, default])``;
 ``safe.setdefault(key, default)``; ``safe.clear()``;
 ``safe.update(key, fn, default=None) -> new value`` (atomic read-modify-write:
@@ -109,9 +109,11 @@ try:
         String,
         Table,
         Text,
+        bindparam,
         delete,
         func,
         insert,
+        literal_column,
         select,
         text,
         update,
@@ -248,6 +250,14 @@ def _check_name(kind: str, name: Any, limit: int) -> str:
         )
     if "\x00" in name:
         raise ValueError(f"safe {kind} {name!r} contains a NUL character, which SQL text refuses")
+    if not name.isascii():
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(
+                f"safe {kind} {name!r} is not valid Unicode text (it has a lone surrogate) "
+                f"and cannot be stored as UTF-8"
+            ) from None
     return name
 
 
@@ -296,6 +306,7 @@ class SafeStore:
             Column("codec", String(16), nullable=False),
             Column("value", Text, nullable=False),
         )
+        self._build_statements()
         self._ready = False
         self._ready_lock = threading.Lock()
         # SQLite has one writer at a time: threads of this process queue on a lock
@@ -414,51 +425,55 @@ class SafeStore:
             with connection.begin():
                 return work(connection)
 
-    def _where(self, namespace: str, key: str | None = None) -> Any:
-        c = self.table.c
-        if key is None:
-            return c.namespace == namespace
-        return (c.namespace == namespace) & (c.key == key)
-
-    def _upsert(
-        self, connection: Connection, namespace: str, key: str, codec: str, data: str
-    ) -> None:
-        row = {"namespace": namespace, "key": key, "codec": codec, "value": data}
-        if self._dialect in ("postgresql", "sqlite"):
-            make = pg_insert if self._dialect == "postgresql" else sqlite_insert
-            statement = make(self.table).values(**row)
-            statement = statement.on_conflict_do_update(
-                index_elements=[self.table.c.namespace, self.table.c.key],
-                set_={"codec": statement.excluded.codec, "value": statement.excluded.value},
-            )
-            connection.execute(statement)
-            return
-        result = connection.execute(
-            update(self.table).where(self._where(namespace, key)).values(codec=codec, value=data)
+    def _build_statements(self) -> None:
+        """Every statement once, with bound parameters (``ns``, ``k``, ``codec``, ``data``):
+        no per-operation statement construction, and never a value in the SQL text."""
+        t, c = self.table, self.table.c
+        ns: Any = bindparam("ns")
+        k: Any = bindparam("k")
+        one = (c.namespace == ns) & (c.key == k)
+        self._q_get = select(c.codec, c.value).where(one)
+        self._q_lock = select(c.codec, c.value).where(one).with_for_update()
+        self._q_contains: Any = select(literal_column("1")).select_from(t).where(one)
+        self._q_len = select(func.count()).select_from(t).where(c.namespace == ns)
+        self._q_keys = select(c.key).where(c.namespace == ns)
+        self._q_items = select(c.key, c.codec, c.value).where(c.namespace == ns)
+        self._q_delete = delete(t).where(one)
+        self._q_clear = delete(t).where(c.namespace == ns)
+        self._q_update = (
+            update(t).where(one).values(codec=bindparam("codec"), value=bindparam("data"))
         )
-        if result.rowcount == 0:
-            connection.execute(insert(self.table).values(**row))
-
-    def _insert_if_absent(
-        self, connection: Connection, namespace: str, key: str, codec: str, data: str
-    ) -> bool:
-        """Insert unless the key exists (also when another transaction just created it)."""
-        row = {"namespace": namespace, "key": key, "codec": codec, "value": data}
+        row = {"namespace": ns, "key": k, "codec": bindparam("codec"), "value": bindparam("data")}
+        self._q_insert = insert(t).values(**row)
+        self._q_upsert: Any = None
+        self._q_insert_absent: Any = None
         if self._dialect in ("postgresql", "sqlite"):
             make = pg_insert if self._dialect == "postgresql" else sqlite_insert
-            statement = (
-                make(self.table)
-                .values(**row)
-                .on_conflict_do_nothing(index_elements=[self.table.c.namespace, self.table.c.key])
+            upsert = make(t).values(**row)
+            self._q_upsert = upsert.on_conflict_do_update(
+                index_elements=[c.namespace, c.key],
+                set_={"codec": upsert.excluded.codec, "value": upsert.excluded.value},
             )
-            return connection.execute(statement).rowcount == 1
-        connection.execute(insert(self.table).values(**row))  # other dialects: PK error on race
-        return True
+            # RETURNING, not rowcount: drivers disagree on rowcount for DO NOTHING.
+            self._q_insert_absent = (
+                make(t)
+                .values(**row)
+                .on_conflict_do_nothing(index_elements=[c.namespace, c.key])
+                .returning(c.key)
+            )
 
-    def _locked_row(self, connection: Connection, namespace: str, key: str) -> Any:
-        c = self.table.c
-        statement = select(c.codec, c.value).where(self._where(namespace, key)).with_for_update()
-        return connection.execute(statement).first()
+    def _upsert(self, connection: Connection, params: dict[str, str]) -> None:
+        if self._q_upsert is not None:
+            connection.execute(self._q_upsert, params)
+        elif connection.execute(self._q_update, params).rowcount == 0:
+            connection.execute(self._q_insert, params)
+
+    def _insert_if_absent(self, connection: Connection, params: dict[str, str]) -> bool:
+        """Insert unless the key exists (also when another transaction just created it)."""
+        if self._q_insert_absent is not None:
+            return connection.execute(self._q_insert_absent, params).first() is not None
+        connection.execute(self._q_insert, params)  # other dialects: PK error on a race
+        return True
 
     def __repr__(self) -> str:
         url = self.engine.url.render_as_string(hide_password=True)
@@ -477,20 +492,21 @@ class Safe:
         self.store = store
         self.namespace = namespace
 
-    # -- reads ------------------------------------------------------------------
-
-    def _fetch(self, key: str) -> Any:
-        c = self.store.table
-        statement = select(c.c.codec, c.c.value).where(self.store._where(self.namespace, key))
-        row = self.store._read(lambda conn: conn.execute(statement).first())
-        if row is None:
-            return MISSING
+    def _decode_row(self, key: str, row: Any) -> Any:
         return self.store._decode(self.namespace, key, row[0], row[1])
+
+    # -- reads ------------------------------------------------------------------
 
     def get(self, key: str, default: Any = None) -> Any:
         """The value of ``key``, or ``default`` when absent."""
-        key = _check_name("key", key, MAX_KEY_LENGTH)
-        value = self.store._traced("get", self.namespace, lambda: self._fetch(key))
+        params = {"ns": self.namespace, "k": _check_name("key", key, MAX_KEY_LENGTH)}
+        store = self.store
+
+        def work() -> Any:
+            row = store._read(lambda conn: conn.execute(store._q_get, params).first())
+            return MISSING if row is None else self._decode_row(key, row)
+
+        value = store._traced("get", self.namespace, work)
         return default if value is MISSING else value
 
     def __getitem__(self, key: str) -> Any:
@@ -500,55 +516,48 @@ class Safe:
         return value
 
     def __contains__(self, key: object) -> bool:
-        key = _check_name("key", key, MAX_KEY_LENGTH)
-        statement = (
-            select(text("1"))
-            .select_from(self.store.table)
-            .where(self.store._where(self.namespace, key))
-        )
+        params = {"ns": self.namespace, "k": _check_name("key", key, MAX_KEY_LENGTH)}
+        store = self.store
 
         def work() -> bool:
-            return self.store._read(lambda conn: conn.execute(statement).first() is not None)
+            return store._read(lambda c: c.execute(store._q_contains, params).first() is not None)
 
-        return self.store._traced("contains", self.namespace, work)
+        return store._traced("contains", self.namespace, work)
 
     def __len__(self) -> int:
-        statement = (
-            select(func.count())
-            .select_from(self.store.table)
-            .where(self.store._where(self.namespace))
-        )
+        store = self.store
 
         def work() -> int:
-            return int(self.store._read(lambda conn: conn.execute(statement).scalar_one()))
+            return int(
+                store._read(lambda c: c.execute(store._q_len, {"ns": self.namespace}).scalar_one())
+            )
 
-        return self.store._traced("len", self.namespace, work)
+        return store._traced("len", self.namespace, work)
 
     def keys(self) -> list[str]:
         """Every key of this namespace, sorted (a snapshot)."""
-        c = self.store.table.c
-        statement = select(c.key).where(self.store._where(self.namespace)).order_by(c.key)
+        store = self.store
 
         def work() -> list[str]:
-            return list(self.store._read(lambda conn: conn.execute(statement).scalars().all()))
+            # Sorted here, not by the database: its collation would vary by backend.
+            return sorted(
+                store._read(lambda c: c.execute(store._q_keys, {"ns": self.namespace}).scalars())
+            )
 
-        return self.store._traced("keys", self.namespace, work)
+        return store._traced("keys", self.namespace, work)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.keys())
 
     def items(self) -> list[tuple[str, Any]]:
         """Every ``(key, value)`` of this namespace, sorted by key (one query, a snapshot)."""
-        c = self.store.table.c
-        statement = (
-            select(c.key, c.codec, c.value).where(self.store._where(self.namespace)).order_by(c.key)
-        )
+        store = self.store
 
         def work() -> list[tuple[str, Any]]:
-            rows = self.store._read(lambda conn: conn.execute(statement).all())
-            return [(k, self.store._decode(self.namespace, k, codec, v)) for k, codec, v in rows]
+            rows = store._read(lambda c: c.execute(store._q_items, {"ns": self.namespace}).all())
+            return [(k, self._decode_row(k, (codec, v))) for k, codec, v in sorted(rows)]
 
-        return self.store._traced("items", self.namespace, work)
+        return store._traced("items", self.namespace, work)
 
     def values(self) -> list[Any]:
         """Every value of this namespace, in key order (a snapshot)."""
@@ -556,44 +565,42 @@ class Safe:
 
     # -- writes -----------------------------------------------------------------
 
-    def __setitem__(self, key: str, value: Any) -> None:
-        key = _check_name("key", key, MAX_KEY_LENGTH)
+    def _params(self, key: str, value: Any) -> dict[str, str]:
         codec, data = _encode(value, self.store.serializer)
+        return {"ns": self.namespace, "k": key, "codec": codec, "data": data}
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        params = self._params(_check_name("key", key, MAX_KEY_LENGTH), value)
         store = self.store
-
-        def work() -> None:
-            store._write(lambda conn: store._upsert(conn, self.namespace, key, codec, data))
-
-        store._traced("set", self.namespace, work)
+        store._traced(
+            "set", self.namespace, lambda: store._write(lambda c: store._upsert(c, params))
+        )
 
     def set(self, key: str, value: Any) -> None:
         """``safe[key] = value``."""
         self[key] = value
 
     def __delitem__(self, key: str) -> None:
-        if not self._delete(key):
+        params = {"ns": self.namespace, "k": _check_name("key", key, MAX_KEY_LENGTH)}
+        store = self.store
+
+        def work() -> int:
+            return int(store._write(lambda c: c.execute(store._q_delete, params).rowcount))
+
+        if not store._traced("delete", self.namespace, work):
             raise KeyError(key)
-
-    def _delete(self, key: str) -> bool:
-        key = _check_name("key", key, MAX_KEY_LENGTH)
-        statement = delete(self.store.table).where(self.store._where(self.namespace, key))
-
-        def work() -> bool:
-            return bool(self.store._write(lambda conn: conn.execute(statement).rowcount))
-
-        return self.store._traced("delete", self.namespace, work)
 
     def pop(self, key: str, default: Any = MISSING) -> Any:
         """Remove ``key`` and return its value (``default``, or ``KeyError``, when absent)."""
-        key = _check_name("key", key, MAX_KEY_LENGTH)
+        params = {"ns": self.namespace, "k": _check_name("key", key, MAX_KEY_LENGTH)}
         store = self.store
 
         def body(conn: Connection) -> Any:
-            row = store._locked_row(conn, self.namespace, key)
+            row = conn.execute(store._q_lock, params).first()
             if row is None:
                 return MISSING
-            value = store._decode(self.namespace, key, row[0], row[1])
-            conn.execute(delete(store.table).where(store._where(self.namespace, key)))
+            value = self._decode_row(key, row)
+            conn.execute(store._q_delete, params)
             return value
 
         value = store._traced("pop", self.namespace, lambda: store._write(body))
@@ -605,24 +612,26 @@ class Safe:
 
     def clear(self) -> None:
         """Delete every key of this namespace (one transaction)."""
-        statement = delete(self.store.table).where(self.store._where(self.namespace))
-        self.store._traced(
-            "clear", self.namespace, lambda: self.store._write(lambda c: c.execute(statement))
+        store = self.store
+        params = {"ns": self.namespace}
+        store._traced(
+            "clear",
+            self.namespace,
+            lambda: store._write(lambda c: c.execute(store._q_clear, params)),
         )
 
     def setdefault(self, key: str, default: Any = None) -> Any:
         """The value of ``key``; if absent, store ``default`` first (atomically) and return it."""
-        key = _check_name("key", key, MAX_KEY_LENGTH)
-        codec, data = _encode(default, self.store.serializer)
+        params = self._params(_check_name("key", key, MAX_KEY_LENGTH), default)
         store = self.store
 
         def body(conn: Connection) -> Any:
             while True:
-                row = store._locked_row(conn, self.namespace, key)
+                row = conn.execute(store._q_lock, params).first()
                 if row is not None:
-                    return store._decode(self.namespace, key, row[0], row[1])
-                if store._insert_if_absent(conn, self.namespace, key, codec, data):
-                    return json.loads(data) if codec == "json" else default
+                    return self._decode_row(key, row)
+                if store._insert_if_absent(conn, params):
+                    return self._decode_row(key, (params["codec"], params["data"]))
 
         return store._traced("setdefault", self.namespace, lambda: store._write(body))
 
@@ -635,24 +644,18 @@ class Safe:
         serialised, nothing is written and the error propagates.
         """
         key = _check_name("key", key, MAX_KEY_LENGTH)
+        lookup = {"ns": self.namespace, "k": key}
         store = self.store
 
         def body(conn: Connection) -> Any:
             while True:
-                row = store._locked_row(conn, self.namespace, key)
-                current = (
-                    default if row is None else store._decode(self.namespace, key, row[0], row[1])
-                )
-                new = fn(current)
-                codec, data = _encode(new, store.serializer)
+                row = conn.execute(store._q_lock, lookup).first()
+                new = fn(default if row is None else self._decode_row(key, row))
+                params = self._params(key, new)
                 if row is not None:
-                    conn.execute(
-                        update(store.table)
-                        .where(store._where(self.namespace, key))
-                        .values(codec=codec, value=data)
-                    )
+                    conn.execute(store._q_update, params)
                     return new
-                if store._insert_if_absent(conn, self.namespace, key, codec, data):
+                if store._insert_if_absent(conn, params):
                     return new
                 # Another transaction created the key since our read: lock it and redo.
 
@@ -663,26 +666,16 @@ class Safe:
 
         Returns whether it stored. Atomic, like :meth:`update`.
         """
-        key = _check_name("key", key, MAX_KEY_LENGTH)
-        codec, data = _encode(new, self.store.serializer)
+        params = self._params(_check_name("key", key, MAX_KEY_LENGTH), new)
         store = self.store
 
         def body(conn: Connection) -> bool:
-            row = store._locked_row(conn, self.namespace, key)
+            row = conn.execute(store._q_lock, params).first()
             if row is None:
-                if expected is not MISSING:
-                    return False
-                return store._insert_if_absent(conn, self.namespace, key, codec, data)
-            if expected is MISSING:
+                return expected is MISSING and store._insert_if_absent(conn, params)
+            if expected is MISSING or self._decode_row(key, row) != expected:
                 return False
-            current = store._decode(self.namespace, key, row[0], row[1])
-            if current != expected:
-                return False
-            conn.execute(
-                update(store.table)
-                .where(store._where(self.namespace, key))
-                .values(codec=codec, value=data)
-            )
+            conn.execute(store._q_update, params)
             return True
 
         return store._traced("compare_and_set", self.namespace, lambda: store._write(body))
