@@ -14,7 +14,14 @@ import math
 import sys
 from typing import Any
 
-from polydatum.demo.runner import DemoConfig, DemoError, DemoResult, StepStats, run
+from polydatum.demo.runner import (
+    DemoConfig,
+    DemoError,
+    DemoResult,
+    StepStats,
+    quiet_logging,
+    run,
+)
 from polydatum.waterfall import contexts, emit, render, to_dict
 
 __all__ = ["cmd_demo", "main", "register_cli", "summary_renderables", "to_json"]
@@ -136,18 +143,6 @@ def to_json(result: DemoResult) -> dict[str, Any]:
     }
 
 
-def _quiet_logging() -> None:
-    """The demo reports suppressed errors in its summary: no traceback per error."""
-    import logging
-
-    import structlog
-
-    structlog.configure(
-        wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-    )
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     from polydatum.cli import CliError
 
@@ -162,7 +157,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         seed=args.seed,
         cache_failure_rate=args.cache_failure_rate,
     )
-    _quiet_logging()
+    quiet_logging()
     progress_bar: Any = None
     task: Any = None
     if sys.stderr.isatty() and not args.json:

@@ -209,6 +209,21 @@ def traffic(seed: int) -> Iterator[tuple[dict[str, Any], str, tuple[Any, ...]]]:
         yield meta, path, args
 
 
+def quiet_logging(*, only_if_unconfigured: bool = False) -> None:
+    """No warning-with-traceback per suppressed teardown error: the summary reports them."""
+    import logging
+    import sys
+
+    import structlog
+
+    if only_if_unconfigured and structlog.is_configured():
+        return
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
+
+
 def _describe_url(app: Bookstore) -> str:
     return app.backend.url
 
@@ -253,7 +268,6 @@ def _open_app(config: DemoConfig, tracer_provider: Any, meter_provider: Any) -> 
 def _serve_metrics(config: DemoConfig, reader_cls: Any) -> tuple[Any, str, Callable[[], None]]:
     from prometheus_client import start_http_server
 
-    reader = reader_cls()
     port = config.prometheus_port
     assert port is not None
     if not 0 < port < 65536:
@@ -264,6 +278,9 @@ def _serve_metrics(config: DemoConfig, reader_cls: Any) -> tuple[Any, str, Calla
         raise DemoError(
             f"cannot serve /metrics on {config.prometheus_host}:{port}: {error.strerror or error}"
         ) from None
+
+    # Created once the port is ours: the reader registers itself with prometheus_client.
+    reader = reader_cls()
 
     def stop() -> None:
         server.shutdown()
@@ -299,6 +316,7 @@ def run(
         )
     if config.requests < 1:
         raise DemoError(f"--requests must be at least 1, not {config.requests}")
+    quiet_logging(only_if_unconfigured=True)
 
     cleanups: list[Callable[[], None]] = []
     collector = DemoCollector()
