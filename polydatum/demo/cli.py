@@ -46,7 +46,13 @@ def _ordered(steps: list[StepStats]) -> list[StepStats]:
     """Group by kind; middleware setups in order, then teardowns (reverse order)."""
     rank = {"context": 0, "middleware": 1, "resource": 2, "service": 3}
     phase_rank = {"setup": 0, "teardown": 1}
-    return sorted(steps, key=lambda s: (rank.get(s.kind, 9), phase_rank.get(s.phase, 0), s.order))
+
+    def key(s: StepStats) -> tuple[int, int, int, str]:
+        # Middleware and resources in the order they first ran; methods by DAL path.
+        order = 0 if s.kind == "service" else s.order
+        return rank.get(s.kind, 9), phase_rank.get(s.phase, 0), order, s.name
+
+    return sorted(steps, key=key)
 
 
 def summary_renderables(result: DemoResult) -> list[Any]:
