@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -54,6 +55,7 @@ __all__ = [
     "enable",
     "error_type",
     "is_enabled",
+    "limit_export_warnings",
     "redact_meta",
     "setup_local_sdk",
 ]
@@ -186,8 +188,80 @@ def _level_enabled(level: int) -> bool:
     return answer
 
 
-def _logger(**bound: Any) -> Any:
-    return structlog.get_logger(LOGGER_NAME).bind(**bound)
+_internal_log = logging.getLogger("polydatum.telemetry")
+_reported: set[str] = set()
+
+
+def _report_loss(what: str, error: BaseException) -> None:
+    """Say -- once per process and kind of failure -- that telemetry was lost.
+
+    Telemetry must never hurt the application: a span processor or a structlog
+    processor that raises loses that record, and the loss goes to the stdlib logger
+    ``polydatum.telemetry`` once (not once per span or event).
+    """
+    if what in _reported:
+        return
+    _reported.add(what)
+    with contextlib.suppress(Exception):
+        _internal_log.warning(
+            "polydatum telemetry lost: %s raised %s: %s; the application is unaffected "
+            "and further failures of this kind are not logged",
+            what,
+            type(error).__name__,
+            error,
+        )
+
+
+class _SafeLog:
+    """A bound structlog logger whose calls never raise into the application."""
+
+    __slots__ = ("_log",)
+
+    def __init__(self, log: Any) -> None:
+        self._log = log
+
+    def _emit(self, level: str, event: str, fields: dict[str, Any]) -> None:
+        if self._log is None:  # the logger itself could not be made
+            return
+        try:
+            getattr(self._log, level)(event, **fields)
+        except Exception as error:
+            _report_loss("a structlog log call", error)
+
+    def debug(self, event: str, **fields: Any) -> None:
+        self._emit("debug", event, fields)
+
+    def info(self, event: str, **fields: Any) -> None:
+        self._emit("info", event, fields)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self._emit("warning", event, fields)
+
+
+def _logger(**bound: Any) -> _SafeLog:
+    try:
+        return _SafeLog(structlog.get_logger(LOGGER_NAME).bind(**bound))
+    except Exception as error:
+        _report_loss("a structlog logger", error)
+        return _SafeLog(None)
+
+
+def _start_span(tracer: Any, name: str, **options: Any) -> Span | None:
+    """``tracer.start_span``, or ``None`` (and the loss reported) when the SDK raises."""
+    try:
+        span: Span = tracer.start_span(name, **options)
+    except Exception as error:
+        _report_loss("starting a span (a span processor's on_start?)", error)
+        return None
+    return span
+
+
+def _end_span(span: Span) -> None:
+    """``span.end()``; a raising span processor loses the span, never the request."""
+    try:
+        span.end()
+    except Exception as error:
+        _report_loss("ending a span (a span processor's on_end?)", error)
 
 
 def configure_logging(
@@ -226,6 +300,56 @@ def configure_logging(
     )
 
 
+#: The loggers through which the OpenTelemetry SDK and OTLP exporters report lost data.
+EXPORT_LOGGERS: tuple[str, ...] = (
+    "opentelemetry.sdk._shared_internal",
+    "opentelemetry.sdk.trace.export",
+    "opentelemetry.sdk.metrics._internal.export",
+    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+    "opentelemetry.exporter.otlp.proto.http.metric_exporter",
+    "opentelemetry.exporter.otlp.proto.http._log_exporter",
+)
+
+
+class OncePerMessage(logging.Filter):
+    """A logging filter passing the first record of each message template only.
+
+    ``counts`` tells how often each ``(logger, template)`` occurred (the repeats
+    were dropped). An unreachable collector then costs one warning per kind of
+    failure ("Failed to export spans batch code: %s...") instead of one per batch.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: dict[tuple[str, str], int] = {}
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, str(record.msg))
+        with self._lock:
+            seen = self.counts.get(key, 0)
+            self.counts[key] = seen + 1
+        return seen == 0
+
+
+_export_filter: OncePerMessage | None = None
+
+
+def limit_export_warnings() -> OncePerMessage:
+    """Log each kind of telemetry export failure once per process (idempotent).
+
+    Installs one :class:`OncePerMessage` filter on the SDK's and OTLP exporters'
+    loggers (:data:`EXPORT_LOGGERS`) and returns it. :func:`setup_local_sdk` calls it;
+    call it yourself when you configure the SDK by hand.
+    """
+    global _export_filter
+    if _export_filter is None:
+        _export_filter = OncePerMessage()
+        for name in EXPORT_LOGGERS:
+            logging.getLogger(name).addFilter(_export_filter)
+    return _export_filter
+
+
 def setup_local_sdk(
     *,
     service_name: str = "polydatum-app",
@@ -250,6 +374,7 @@ def setup_local_sdk(
             "setup_local_sdk needs the OpenTelemetry SDK: pip install 'polydatum[sdk]'"
         ) from error
 
+    limit_export_warnings()
     resource = Resource.create({"service.name": service_name})
     tracer_provider = SdkTracerProvider(resource=resource)
     readers = list(metric_readers)
@@ -503,12 +628,13 @@ class ContextTelemetry:
             attrs: dict[str, Any] = {"polydatum.context.id": self.ctx.id}
             if self.telemetry.meta_attributes:
                 attrs.update(redact_meta(self.ctx.meta, self.telemetry.meta_attributes))
-            span = self.tracer.start_span(
-                "polydatum.context", kind=SpanKind.INTERNAL, attributes=attrs
+            span = _start_span(
+                self.tracer, "polydatum.context", kind=SpanKind.INTERNAL, attributes=attrs
             )
-            self.span = span
-            self.parent_ctx = trace.set_span_in_context(span)
-            self.token = otel_context.attach(self.parent_ctx)
+            if span is not None:
+                self.span = span
+                self.parent_ctx = trace.set_span_in_context(span)
+                self.token = otel_context.attach(self.parent_ctx)
         if self.instruments is not None:
             self.instruments.context_active.add(1)
         if self.debug:
@@ -535,7 +661,7 @@ class ContextTelemetry:
                 _fail(span, error)
             elif suppressed is not None:
                 span.set_attribute("polydatum.suppressed_error.type", error_type(suppressed))
-            span.end()
+            _end_span(span)
             if self.token is not None:
                 with contextlib.suppress(Exception):  # entered in another thread/task
                     otel_context.detach(self.token)  # type: ignore[arg-type]
@@ -592,7 +718,8 @@ class ContextTelemetry:
             # Setup spans nest under whatever is current (a lazy resource under the
             # service call that needed it); teardown spans under the context span.
             parent = self.parent_ctx if phase == "teardown" else None
-            step.span = self.tracer.start_span(
+            step.span = _start_span(
+                self.tracer,
                 f"polydatum.{kind}.{phase} {name}",
                 context=parent,
                 kind=SpanKind.INTERNAL,
@@ -622,7 +749,7 @@ class ContextTelemetry:
                     span.set_attribute("polydatum.exception.seen", error_type(seen))
             if failed:
                 _fail(span, error)  # type: ignore[arg-type]
-            span.end()
+            _end_span(span)
         kind = step.kind
         if self.instruments is not None:
             attrs = {f"polydatum.{kind}.name": step.name, "polydatum.phase": step.phase}
@@ -670,7 +797,8 @@ class ContextTelemetry:
         self.service_calls += 1
         step = _Step("service", "call", path, 0)
         if self.tracer is not None:
-            step.span = self.tracer.start_span(
+            step.span = _start_span(
+                self.tracer,
                 path,
                 kind=SpanKind.INTERNAL,
                 attributes={"polydatum.service.path": path, "code.function.name": function},
@@ -686,7 +814,7 @@ class ContextTelemetry:
             step.leave()
             if error is not None:
                 _fail(span, error)
-            span.end()
+            _end_span(span)
         if self.instruments is not None:
             if error is None:
                 attrs = {"polydatum.service.path": step.name}
