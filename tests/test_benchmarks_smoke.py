@@ -1,0 +1,95 @@
+"""The core benchmark still runs: ``benchmarks/bench_core.py --quick --json``.
+
+Speed is never asserted here (that is the benchmark's job, on a quiet machine); this
+test checks that the script, its legacy child protocol and its report structure do
+not rot. The legacy child runs under this test's own interpreter
+(``--legacy-python``), so no virtualenv is created and no network is needed: the
+protocol is the same whichever polydatum the child imports.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "benchmarks" / "bench_core.py"
+
+SIX_SPANS = [
+    ["polydatum.context", None],
+    ["polydatum.middleware.setup request_id_middleware", "polydatum.context"],
+    ["polydatum.middleware.teardown request_id_middleware", "polydatum.context"],
+    ["polydatum.resource.setup db", "users.get"],
+    ["polydatum.resource.teardown db", "polydatum.context"],
+    ["users.get", "polydatum.context"],
+]
+
+
+def test_quick_run_reports_every_condition() -> None:
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--json", "--legacy-python", sys.executable],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+
+    assert report["quick"] is True
+    assert report["rounds"] == 3
+    assert report["legacy"]["interpreter"] == sys.executable
+    assert set(report["legacy"]) == {"polydatum", "python", "interpreter"}
+
+    conditions = {c["name"]: c for c in report["conditions"]}
+    assert list(conditions) == ["idle", "tracing", "everything"]
+
+    idle = conditions["idle"]
+    assert idle["recording"] == {"A": False, "B": False}
+    legacy = report["legacy"]["polydatum"]
+    assert list(idle["contenders"]) == [
+        "polydatum A",
+        f"polydatum {legacy} A (child)",
+        "polydatum B",
+        f"polydatum {legacy} B (child)",
+    ]
+    assert [(c["subject"], c["reference"], c["target"]) for c in idle["comparisons"]] == [
+        ("polydatum A", f"polydatum {legacy} A (child)", 0.6),
+        ("polydatum B", f"polydatum {legacy} B (child)", 0.6),
+    ]
+    assert [
+        (c["subject"], c["reference"], c["target"]) for c in conditions["tracing"]["comparisons"]
+    ] == [("polydatum A", "hand-written A (6 spans)", 1.0)]
+    assert [
+        (c["subject"], c["reference"], c["target"]) for c in conditions["everything"]["comparisons"]
+    ] == [("polydatum A", "hand-written A (6 spans + 1 INFO line)", 1.3)]
+
+    for condition in report["conditions"]:
+        for contender in condition["contenders"].values():
+            assert set(contender) == {"batch", "rounds", "median_us", "min_us", "samples_us"}
+            assert contender["rounds"] == 3
+            assert len(contender["samples_us"]) == 3
+            assert all(isinstance(s, float) and s > 0 for s in contender["samples_us"])
+            assert contender["min_us"] == min(contender["samples_us"])
+        for comparison in condition["comparisons"]:
+            assert set(comparison) == {
+                "subject", "reference", "median_ratio", "min_ratio", "paired_ratio",
+                "target", "met",
+            }  # fmt: skip
+            assert all(comparison[k] > 0 for k in ("median_ratio", "min_ratio", "paired_ratio"))
+            assert comparison["met"] is (comparison["median_ratio"] <= comparison["target"])
+
+    # The hand-written reference records exactly polydatum's span tree for shape A.
+    assert report["span_check"] == {"polydatum": SIX_SPANS, "handwritten": SIX_SPANS, "same": True}
+
+    # Memory: correctness, not speed -- no context object outlives its context.
+    assert [m["condition"] for m in report["memory"]] == ["idle", "everything"]
+    for memory in report["memory"]:
+        assert memory["contexts"] == 2000
+        assert memory["alive_after_gc"] == 0
+        assert memory["alive_without_gc_per_200"] == 0
+        assert memory["active_context_left"] is False
+        assert memory["limit_bytes"] == 1024 * 1024
+        assert isinstance(memory["retained_bytes"], int)
