@@ -186,7 +186,7 @@ def traces(title: str, description: str, traceql: str, width: int = 8) -> Any:
 def build() -> Any:
     """The dashboard model (grafana-foundation-sdk ``Dashboard``)."""
     ok_or_error = (
-        f'label_replace(sum by (error_type) (rate({CTX}_count{{{SEL}}}[{RATE}])), '
+        f"label_replace(sum by (error_type) (rate({CTX}_count{{{SEL}}}[{RATE}])), "
         '"outcome", "ok", "error_type", "")'
     )
     error_ratio = (
