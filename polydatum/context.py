@@ -182,7 +182,7 @@ class DataAccessContext:
             if final is None or final is error:
                 raise
             if isinstance(final, TeardownErrors):
-                raise final  # its __cause__ already is the error the setup ended with
+                raise final from final.__cause__  # the error the setup ended with
             raise final from error  # a middleware replaced the setup error
         self._state = transition(self._state, "setup_done")
         return self
@@ -241,7 +241,7 @@ class DataAccessContext:
             if final is None or final is error:
                 raise
             if isinstance(final, TeardownErrors):
-                raise final  # its __cause__ already is the error the setup ended with
+                raise final from final.__cause__  # the error the setup ended with
             raise final from error  # a middleware replaced the setup error
         self._state = transition(self._state, "setup_done")
         return self
