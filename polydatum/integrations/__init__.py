@@ -18,6 +18,7 @@ disposing resources at shutdown and generating request ids.
 from __future__ import annotations
 
 import inspect
+import re
 import uuid
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -26,7 +27,12 @@ import structlog
 if TYPE_CHECKING:
     from polydatum.dal import DataManager
 
-__all__ = ["adispose_resources", "dispose_resources", "new_request_id"]
+__all__ = [
+    "accept_request_id",
+    "adispose_resources",
+    "dispose_resources",
+    "new_request_id",
+]
 
 
 def missing_framework(module: str, package: str, extra: str, error: ImportError) -> NoReturn:
@@ -36,9 +42,24 @@ def missing_framework(module: str, package: str, extra: str, error: ImportError)
     ) from error
 
 
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+
+
 def new_request_id() -> str:
     """A fresh request id (32 hex digits) for requests that arrive without one."""
     return uuid.uuid4().hex
+
+
+def accept_request_id(value: object) -> str:
+    """``value`` if it is a well-formed request id, else a new one.
+
+    A client-supplied id is kept only if it is 1-128 characters of letters, digits
+    and ``._:-``; anything else (too long, spaces, control characters) is replaced
+    so that hostile input never reaches logs and spans verbatim.
+    """
+    if isinstance(value, str) and _REQUEST_ID.fullmatch(value):
+        return value
+    return new_request_id()
 
 
 def _disposables(dm: DataManager) -> list[tuple[str, Any]]:

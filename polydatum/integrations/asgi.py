@@ -41,14 +41,13 @@ context, so services and ``data_manager.get_active_context()`` work as usual);
 
 from __future__ import annotations
 
-import re
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
 
 from polydatum.errors import ValidationError
-from polydatum.integrations import adispose_resources, new_request_id
+from polydatum.integrations import accept_request_id, adispose_resources
 from polydatum.meta import Meta
 
 if TYPE_CHECKING:
@@ -74,8 +73,6 @@ MetaFactory = Callable[[Scope], "Mapping[str, Any] | Meta"]
 #: The scope key holding the request's :class:`~polydatum.context.DataAccessContext`.
 SCOPE_KEY = "polydatum.context"
 
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
-
 
 def _header(scope: Scope, name: bytes) -> str | None:
     for key, value in scope.get("headers") or ():
@@ -88,16 +85,9 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 
 def request_id(scope: Scope, header: str = "x-request-id") -> str:
-    """The request id the client sent in ``header``, or a new one.
-
-    A client-supplied id is kept only if it is 1-128 characters of letters, digits
-    and ``._:-``; anything else (too long, spaces, control characters) is replaced
-    by a generated id so that hostile input never reaches logs and spans verbatim.
-    """
-    value = _header(scope, header.lower().encode("latin-1"))
-    if value is not None and _REQUEST_ID.fullmatch(value):
-        return value
-    return new_request_id()
+    """The request id the client sent in ``header`` if well-formed, else a new one
+    (see :func:`polydatum.integrations.accept_request_id`)."""
+    return accept_request_id(_header(scope, header.lower().encode("latin-1")))
 
 
 def route_template(scope: Scope, app: Any = None) -> str | None:
