@@ -134,6 +134,14 @@ def test_bad_inputs_are_demo_errors(tmp_path: Path) -> None:
         run(DemoConfig(requests=1, database_url="nosuch://x"))
     with pytest.raises(DemoError, match=r"^--otlp-endpoint must be an http\(s\) URL"):
         run(DemoConfig(requests=1, otlp_endpoint="localhost:4318"))
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        nobody = closed.getsockname()[1]
+    with pytest.raises(
+        DemoError,
+        match=rf"^cannot reach the OTLP endpoint http://127.0.0.1:{nobody} \(Connection refused\)",
+    ):
+        run(DemoConfig(requests=1, otlp_endpoint=f"http://127.0.0.1:{nobody}"))
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()

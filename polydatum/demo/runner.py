@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import random
+import socket
 import threading
 import time
 from collections import Counter, defaultdict
@@ -362,6 +363,18 @@ def _add_otlp(endpoint: str, tracer_provider: Any, readers: list[Any]) -> None:
             f"--otlp-endpoint must be an http(s) URL such as http://localhost:4318, "
             f"not {endpoint!r}"
         )
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname or "localhost", port), timeout=3).close()
+    except OSError as error:
+        raise DemoError(
+            f"cannot reach the OTLP endpoint {endpoint} ({error.strerror or error}): start "
+            "the collector (docker compose -f instrumentation/docker-compose.yml up -d) "
+            "or leave out --otlp-endpoint"
+        ) from None
+    from polydatum.telemetry import limit_export_warnings
+
+    limit_export_warnings()  # a collector that goes away mid-run: one line, not one per batch
     base = endpoint.rstrip("/")
     tracer_provider.add_span_processor(
         BatchSpanProcessor(OTLPSpanExporter(endpoint=f"{base}/v1/traces"))
