@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from conftest import require_binary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -277,3 +278,66 @@ def test_promtool_rule_unit_tests() -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.strip().endswith("SUCCESS")
+
+
+# ------------------------------------------------ the rest of the stack's configuration
+
+
+def load_yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def test_compose_mounts_files_that_exist() -> None:
+    compose_file = ROOT / "instrumentation" / "docker-compose.yml"
+    compose = load_yaml(compose_file)
+    assert sorted(compose["services"]) == ["grafana", "otel-collector", "prometheus", "tempo"]
+    for name, service in compose["services"].items():
+        assert ":" in service["image"] and not service["image"].endswith(":latest"), name
+        for volume in service.get("volumes", []):
+            source = volume.split(":", 1)[0]
+            if source.startswith("."):
+                assert (compose_file.parent / source).exists(), f"{name}: {volume}"
+    grafana = compose["services"]["grafana"]
+    assert grafana["image"].startswith("grafana/grafana:11.")
+    home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home == "/var/lib/grafana/dashboards/polydatum/polydatum-overview.json"
+
+
+def test_collector_pipelines_use_defined_components() -> None:
+    config = load_yaml(ROOT / "instrumentation" / "collector" / "otel-collector.yaml")
+    pipelines = config["service"]["pipelines"]
+    assert pipelines["traces"]["exporters"] == ["otlp/tempo", "spanmetrics"]
+    assert pipelines["metrics"]["receivers"] == ["otlp", "spanmetrics"]
+    for pipeline in pipelines.values():
+        for kind in ("receivers", "processors", "exporters"):
+            for component in pipeline.get(kind, []):
+                assert component in config[kind] or component in config["connectors"], component
+    dimensions = [d["name"] for d in config["connectors"]["spanmetrics"]["dimensions"]]
+    assert dimensions == [
+        "polydatum.middleware.name",
+        "polydatum.resource.name",
+        "polydatum.service.path",
+        "polydatum.outcome",
+        "polydatum.exception.seen",
+        "error.type",
+    ]
+    assert config["connectors"]["spanmetrics"]["events"] == {
+        "enabled": True,
+        "dimensions": [{"name": "exception.type"}],
+    }
+    # The collector's Prometheus exporter is what the Prometheus config scrapes.
+    assert config["exporters"]["prometheus"]["endpoint"] == "0.0.0.0:8889"
+    scrape = load_yaml(INSTRUMENTATION / "prometheus.yml")["scrape_configs"]
+    assert scrape[0]["static_configs"] == [{"targets": ["otel-collector:8889"]}]
+
+
+def test_tempo_receives_what_the_collector_sends() -> None:
+    tempo = load_yaml(ROOT / "instrumentation" / "tempo" / "tempo.yaml")
+    collector = load_yaml(ROOT / "instrumentation" / "collector" / "otel-collector.yaml")
+    grpc = tempo["distributor"]["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"]
+    assert grpc.endswith(":4317")
+    assert collector["exporters"]["otlp/tempo"]["endpoint"] == "tempo:4317"
+    assert tempo["server"]["http_listen_port"] == 3200
+    datasources = load_yaml(ROOT / "dashboards" / "provisioning" / "datasources" / "polydatum.yaml")
+    urls = {d["uid"]: d["url"] for d in datasources["datasources"]}
+    assert urls == {"prometheus": "http://prometheus:9090", "tempo": "http://tempo:3200"}
