@@ -95,10 +95,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         ],
         cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
+    # The committed rules, evaluated every second instead of every 30 s.
+    rules = tmp / "polydatum.rules.yml"
+    rules.write_text(RULES.read_text().replace("    interval: 30s\n", "    interval: 1s\n"))
+    assert "    interval: 1s\n" in rules.read_text()
     config = tmp / "prometheus.yml"
     config.write_text(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-        f"rule_files:\n  - {RULES}\n"
+        f"rule_files:\n  - {rules}\n"
         "scrape_configs:\n  - job_name: polydatum-demo\n"
         f"    static_configs:\n      - targets: ['127.0.0.1:{demo_port}']\n"
     )
