@@ -66,6 +66,8 @@ def summary_renderables(result: DemoResult) -> list[Any]:
     head.append("polydatum demo", style="bold")
     head.append(f" · {result.requests} requests in {result.elapsed_s:.2f} s ({rate:.0f}/s)")
     head.append(f" · {result.database}", style="dim")
+    if result.interrupted:
+        head.append(" · interrupted", style="yellow")
     items.append(head)
     outcome = Text("outcomes: ")
     for i, (name, count) in enumerate(sorted(result.outcomes.items(), key=lambda kv: -kv[1])):
