@@ -236,7 +236,17 @@ class DataAccessLayer:
             raise AttributeError(name)
         if _active.get() is None:
             raise _no_context()
-        return _DalPath._from_names(self._call, (name,))
+        # Commands are immutable: the DAL hands out one per name (bounded), so that
+        # ``dal.users.get(7)`` allocates no command objects on the hot path.
+        commands: dict[str, DalCommand] | None = self.__dict__.get("_commands")
+        if commands is None:
+            commands = self.__dict__["_commands"] = {}
+        command = commands.get(name)
+        if command is None:
+            command = _DalPath._from_names(self._call, (name,))
+            if len(commands) < _COMMAND_CACHE_SIZE:
+                commands[name] = command
+        return command
 
     def __getitem__(self, path: str) -> DalCommand:
         """A command from a dotted path (``dal['users.profile.get']``); a leading ``dal.``
@@ -252,14 +262,41 @@ class DataAccessLayer:
 _DAL = DataAccessLayer
 
 
-class _DalPath(DalCommand):
-    """A command built by the DAL itself: calls go straight to the DAL with plain names."""
+#: Most cached child commands per command (and top-level commands per DAL): attribute
+#: names come from code, but ``getattr(dal, untrusted)`` must not grow memory unbounded.
+_COMMAND_CACHE_SIZE = 1000
 
-    __slots__ = ()
+
+class _DalPath(DalCommand):
+    """A command built by the DAL itself: calls go straight to the DAL with plain names.
+
+    Child commands are cached (``dal.users.get`` is the same object every time) and
+    always carry plain names, so calling one costs no allocation besides the call.
+    """
+
+    __slots__ = ("_children",)
+    _children: dict[str, DalCommand]
+
+    @classmethod
+    def _from_names(cls, handler: Callable[..., Any], names: tuple[str, ...]) -> DalCommand:
+        command = super()._from_names(handler, names)
+        command._children = {}  # type: ignore[attr-defined]
+        return command
+
+    def __getattr__(self, name: str) -> DalCommand:
+        if name.startswith("__") or name == "_children":  # never recurse on a missing slot
+            raise AttributeError(name)
+        children = self._children
+        child = children.get(name)
+        if child is None:
+            child = _DalPath._from_names(self._handler, (*self.names, name))
+            if len(children) < _COMMAND_CACHE_SIZE:
+                children[name] = child
+        return child
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         dal: DataAccessLayer = self._handler.__self__  # type: ignore[attr-defined]
-        return dal._call_names(self.names, args, kwargs)
+        return dal._call_names(self._names or self.names, args, kwargs)
 
 
 def _async_link(middleware: Any, inner: Callable[[DalCommandRequest], Any]) -> Any:
