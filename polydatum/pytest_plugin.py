@@ -9,6 +9,14 @@ Fixtures:
   services/resources for the rest of the test and restores them afterwards.
 * ``assert_resources_torn_down`` -- call it with the capture at the end of a test to
   check every resource that was set up was torn down exactly once.
+* ``polydatum_logs`` -- the polydatum log events captured so far (a callable:
+  ``polydatum_logs()`` returns the event dicts, ``polydatum_logs("warning")`` those of
+  one level), through the same capture as ``polydatum_telemetry``.
+* ``polydatum_metrics`` -- ``polydatum_metrics("polydatum.context.duration")`` returns
+  the current :class:`~polydatum.testing.MetricPoint` list of an instrument.
+
+The plugin is registered through the ``pytest11`` entry point: installing polydatum
+is enough, no ``conftest.py`` line is needed.
 """
 
 from __future__ import annotations
@@ -48,3 +56,21 @@ def assert_resources_torn_down() -> Callable[[Any], None]:
     from polydatum.testing import assert_resources_torn_down as check
 
     return check
+
+
+@pytest.fixture
+def polydatum_logs(polydatum_telemetry: Any) -> Callable[..., list[dict[str, Any]]]:
+    """``polydatum_logs(level=None)``: captured polydatum log events, in order."""
+
+    def events(level: str | None = None) -> list[dict[str, Any]]:
+        return [
+            e for e in polydatum_telemetry.events() if level is None or e.get("log_level") == level
+        ]
+
+    return events
+
+
+@pytest.fixture
+def polydatum_metrics(polydatum_telemetry: Any) -> Callable[..., list[Any]]:
+    """``polydatum_metrics(name=None)``: current metric points (of one instrument)."""
+    return polydatum_telemetry.metrics  # type: ignore[no-any-return]

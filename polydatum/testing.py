@@ -204,11 +204,28 @@ class TelemetryCapture:
                             points.append(MetricPoint(metric.name, attrs, float(p.value)))
         return points
 
+    def metric(self, name: str, **attributes: Any) -> MetricPoint:
+        """The one point of instrument ``name`` whose attributes include ``attributes``.
+
+        ``AssertionError`` (listing what there is) unless exactly one point matches.
+        """
+        points = self.metrics(name)
+        found = [p for p in points if all(p.attributes.get(k) == v for k, v in attributes.items())]
+        assert len(found) == 1, (
+            f"expected one {name!r} point with {attributes}, found {len(found)} "
+            f"among {[dict(p.attributes) for p in points]}"
+        )
+        return found[0]
+
     # -- logs ------------------------------------------------------------------------
 
     def events(self, prefix: str = "polydatum") -> list[dict[str, Any]]:
         """Captured log events whose name starts with ``prefix``."""
         return [e for e in self.logs if str(e.get("event", "")).startswith(prefix)]
+
+    def event_names(self, level: str | None = None) -> list[str]:
+        """Names of the captured polydatum events, in order (optionally of one level)."""
+        return [e["event"] for e in self.events() if level is None or e.get("log_level") == level]
 
 
 @contextmanager
