@@ -42,10 +42,12 @@ from polydatum.lifecycle import (
     aclose_quietly,
     adrive,
     after_middleware_teardown,
+    classify,
     close_quietly,
     step,
     step_error,
     transition,
+    twice_yielded,
 )
 from polydatum.meta import Meta
 
@@ -56,6 +58,8 @@ if TYPE_CHECKING:
 __all__ = ["DataAccessContext", "Meta", "get_active_context"]
 
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
+
+_EMPTY_META = Meta()
 
 _active: ContextVar[DataAccessContext | None] = ContextVar("polydatum_active_context", default=None)
 
@@ -92,13 +96,17 @@ class DataAccessContext:
     def __init__(self, data_manager: DataManager, meta: Meta | dict[str, Any] | None = None):
         self.data_manager = data_manager
         self.dal: DataAccessLayer = data_manager.get_dal()
-        self.meta = meta if isinstance(meta, Meta) else Meta(meta)
+        if isinstance(meta, Meta):
+            self.meta = meta
+        else:
+            self.meta = Meta(meta) if meta else _EMPTY_META  # read-only: safe to share
         self._state = State.CREATED
         self._resources: dict[str, Any] = {}
         self._resource_stack: list[GeneratorRecord] = []
         self._middleware_stack: list[GeneratorRecord] = []
         self._resource_exit_errors: list[ExcInfo] = []
         self._creating: set[str] = set()
+        self._shortcuts: list[str] = []
         self._telemetry: ContextTelemetry | None = None
         self._token: Token[DataAccessContext | None] | None = None
         self._outer: DataAccessContext | None = None
@@ -141,15 +149,9 @@ class DataAccessContext:
             return self._resources[name]
         except KeyError:
             pass
-        rec, scope = self._start_resource(name)
-        if rec.is_async:  # an async resource asked for synchronously in an async context
-            self._creating.discard(name)
-            self._finish_resource(rec, scope, Outcome.RAISED, self._async_misuse(name))
-        try:
-            outcome, value = rec.cv.run(step, rec.gen, None, scope)
-        finally:
-            self._creating.discard(name)
-        return self._finish_resource(rec, scope, outcome, value)
+        if self._telemetry is None:
+            return self._create_idle(name)
+        return self._create_slow(name)
 
     async def aresource(self, name: str) -> Any:
         """Return resource ``name``, creating it on first use (sync or async resources)."""
@@ -167,15 +169,66 @@ class DataAccessContext:
             self._creating.discard(name)
         return self._finish_resource(rec, scope, outcome, value)
 
+    def _create_idle(self, name: str) -> Any:
+        """Create a sync resource when nothing records: the same checks, no step records.
+
+        Anything unusual (an async or non-generator factory) goes to the full path,
+        which produces the error.
+        """
+        if self._state not in RESOURCE_CREATE_STATES or name in self._creating:
+            return self._create_slow(name)
+        factory = self.data_manager._resource_manager._resources.get(name)
+        if factory is None:
+            return self._create_slow(name)
+        self._creating.add(name)
+        try:
+            gen = factory(self)
+            if type(gen) is not GeneratorType:
+                self._creating.discard(name)
+                return self._create_slow(name, gen)
+            rec = GeneratorRecord("resource", name, len(self._resource_stack), gen, False)
+            try:
+                value = rec.cv.run(gen.send, None)
+            except StopIteration:
+                raise ResourceSetupException(f"Resource {name} did not yield on setup.") from None
+        finally:
+            self._creating.discard(name)
+        self._keep_resource(rec, value)
+        return value
+
+    def _create_slow(self, name: str, gen: Any = None) -> Any:
+        rec, scope = self._start_resource(name, gen)
+        if rec.is_async:
+            self._creating.discard(name)
+            self._finish_resource(rec, scope, Outcome.RAISED, self._async_misuse(name))
+        try:
+            outcome, value = rec.cv.run(step, rec.gen, None, scope)
+        finally:
+            self._creating.discard(name)
+        return self._finish_resource(rec, scope, outcome, value)
+
+    def _keep_resource(self, rec: GeneratorRecord, value: Any) -> None:
+        name = rec.name
+        self._resources[name] = value
+        self._resource_stack.append(rec)
+        # Later reads of ctx.<name> skip __getattr__; removed again at exit.
+        if name not in self.__dict__ and not hasattr(type(self), name):
+            self.__dict__[name] = value
+            self._shortcuts.append(name)
+
     # ------------------------------------------------------------------ sync enter/exit
 
     def __enter__(self) -> DataAccessContext:
         self._begin(is_async=False)
         try:
-            for position, middleware in enumerate(self.data_manager.get_middleware(self)):
-                rec, scope = self._start_middleware(position, middleware)
-                outcome, value = rec.cv.run(step, rec.gen, None, scope)
-                self._finish_middleware_setup(rec, scope, outcome, value)
+            middleware_chain = self.data_manager.get_middleware(self)
+            if self._telemetry is None:
+                self._setup_idle(middleware_chain)
+            else:
+                for position, middleware in enumerate(middleware_chain):
+                    rec, scope = self._start_middleware(position, middleware)
+                    outcome, value = rec.cv.run(step, rec.gen, None, scope)
+                    self._finish_middleware_setup(rec, scope, outcome, value)
         except BaseException as error:
             self._state = transition(self._state, "setup_failed")
             final = self._teardown(error, setup_failed=True)
@@ -186,6 +239,22 @@ class DataAccessContext:
             raise final from error  # a middleware replaced the setup error
         self._state = transition(self._state, "setup_done")
         return self
+
+    def _setup_idle(self, chain: list[Any]) -> None:
+        """Set middleware up when nothing records: one flat loop, no step records."""
+        stack = self._middleware_stack
+        for position, middleware in enumerate(chain):
+            gen = middleware(self)
+            if type(gen) is not GeneratorType:
+                rec, _ = self._start_middleware(position, middleware, gen)  # raises
+            rec = GeneratorRecord("middleware", None, position, gen, False, middleware)
+            try:
+                rec.cv.run(gen.send, None)
+            except StopIteration:
+                raise MiddlewareSetupException(
+                    f"Middleware {rec.name} did not yield on setup."
+                ) from None
+            stack.append(rec)
 
     def __exit__(
         self,
@@ -206,6 +275,8 @@ class DataAccessContext:
     def _teardown(
         self, exc: BaseException | None, setup_failed: bool = False
     ) -> BaseException | None:
+        if self._telemetry is None:
+            return self._teardown_idle(exc, setup_failed)
         current = exc
         stack = self._middleware_stack
         while stack:
@@ -224,6 +295,48 @@ class DataAccessContext:
             if outcome is Outcome.YIELDED:
                 close_quietly(rec)
             self._finish_resource_teardown(rec, scope, current, outcome, value)
+        return self._end(exc, current, setup_failed)
+
+    def _teardown_idle(self, exc: BaseException | None, setup_failed: bool) -> BaseException | None:
+        """:meth:`_teardown` when nothing records: the same semantics
+        (:func:`~polydatum.lifecycle.after_middleware_teardown`), no step records."""
+        current = exc
+        stack = self._middleware_stack
+        while stack:
+            rec = stack.pop()
+            gen = rec.gen
+            try:
+                if current is None:
+                    rec.cv.run(gen.send, None)
+                else:
+                    rec.cv.run(gen.throw, current)
+            except StopIteration:
+                if current is not None:
+                    current = after_middleware_teardown(current, Outcome.SUPPRESSED, None)
+                continue
+            except BaseException as raised:
+                current = after_middleware_teardown(current, classify(current, raised), raised)
+                continue
+            close_quietly(rec)
+            current = after_middleware_teardown(current, Outcome.YIELDED, twice_yielded(rec))
+        self._state = transition(self._state, "middleware_done")
+        stack = self._resource_stack
+        while stack:
+            rec = stack.pop()
+            gen = rec.gen
+            try:
+                if current is None:
+                    rec.cv.run(gen.send, None)
+                else:
+                    rec.cv.run(gen.throw, current)
+            except StopIteration:
+                continue
+            except BaseException as raised:
+                if raised is not current and classify(current, raised) is Outcome.RAISED:
+                    self._record_teardown_error(rec.name, raised)
+                continue
+            close_quietly(rec)
+            self._record_teardown_error(rec.name, twice_yielded(rec))
         return self._end(exc, current, setup_failed)
 
     # ----------------------------------------------------------------- async enter/exit
@@ -314,6 +427,8 @@ class DataAccessContext:
                 self._teardown_hook(final)
             except Exception as error:
                 self._record_teardown_error("_teardown_hook", error)
+        for name in self._shortcuts:
+            self.__dict__.pop(name, None)
         self._state = transition(self._state, "resources_done")
         # An ExceptionGroup holds Exceptions only: BaseExceptions (KeyboardInterrupt)
         # a resource raised at teardown stay recorded, as under the "record" policy.
@@ -341,7 +456,10 @@ class DataAccessContext:
             self._outer = None
         return final
 
-    def _start_middleware(self, position: int, middleware: Any) -> tuple[GeneratorRecord, Any]:
+    def _start_middleware(
+        self, position: int, middleware: Any, gen: Any = None
+    ) -> tuple[GeneratorRecord, Any]:
+        """Call a middleware (unless ``gen`` is what it already returned) and check it."""
         name = _callable_name(middleware)
         telemetry = self._telemetry
         scope = (
@@ -350,7 +468,8 @@ class DataAccessContext:
             else None
         )
         try:
-            gen = middleware(self)
+            if gen is None:
+                gen = middleware(self)
         except BaseException as error:
             if telemetry is not None:
                 telemetry.step_finished(scope, Outcome.RAISED, error, None)  # type: ignore[arg-type]
@@ -408,7 +527,8 @@ class DataAccessContext:
             f"`await ctx.aresource({name!r})` inside `async with dm.context()`."
         )
 
-    def _start_resource(self, name: str) -> tuple[GeneratorRecord, Any]:
+    def _start_resource(self, name: str, gen: Any = None) -> tuple[GeneratorRecord, Any]:
+        """Check and call a resource factory (unless ``gen`` is what it already returned)."""
         if self._state not in RESOURCE_CREATE_STATES:
             raise ContextStateError(
                 f"Cannot create resource {name!r}: the context is in state "
@@ -433,7 +553,8 @@ class DataAccessContext:
             attributes = getattr(factory, "telemetry_attributes", None)
             scope = telemetry.step_started("resource", "setup", name, position, attributes)
         try:
-            gen = factory(self)
+            if gen is None:
+                gen = factory(self)
         except BaseException as error:
             if telemetry is not None:
                 telemetry.step_finished(scope, Outcome.RAISED, error, None)  # type: ignore[arg-type]
@@ -459,8 +580,7 @@ class DataAccessContext:
     ) -> Any:
         error: BaseException | None = None
         if outcome is Outcome.YIELDED:
-            self._resources[rec.name] = value
-            self._resource_stack.append(rec)
+            self._keep_resource(rec, value)
         elif outcome is Outcome.RETURNED:
             error = ResourceSetupException(f"Resource {rec.name} did not yield on setup.")
         else:

@@ -123,18 +123,39 @@ class GeneratorRecord:
     generator is created; every step of the generator runs inside it.
     """
 
-    __slots__ = ("cv", "gen", "is_async", "kind", "name", "position")
+    __slots__ = ("_name", "cv", "gen", "is_async", "kind", "position", "source")
 
-    def __init__(self, kind: str, name: str, position: int, gen: Any, is_async: bool) -> None:
+    def __init__(
+        self,
+        kind: str,
+        name: str | None,
+        position: int,
+        gen: Any,
+        is_async: bool,
+        source: Any = None,
+    ) -> None:
         self.kind = kind  # "middleware" or "resource"
-        self.name = name
+        self._name = name
+        self.source = source  # the middleware callable, when the name is derived from it
         self.position = position
         self.gen = gen  # a Generator or an AsyncGenerator
         self.is_async = is_async
         self.cv = contextvars.copy_context()
 
+    @property
+    def name(self) -> str:
+        """The resource's registered name, or the middleware callable's name.
 
-def _classify(exc: BaseException | None, raised: BaseException) -> Outcome:
+        Derived lazily: the idle fast path needs a name only when something fails.
+        """
+        if self._name is None:
+            name = getattr(self.source, "__name__", None)
+            self._name = name if isinstance(name, str) else type(self.source).__name__
+        return self._name
+
+
+def classify(exc: BaseException | None, raised: BaseException) -> Outcome:
+    """PROPAGATED when ``raised`` is the exception thrown in (``exc``), else RAISED."""
     if raised is exc:
         return Outcome.PROPAGATED
     if (
@@ -160,7 +181,7 @@ def step(
     except StopIteration:
         return (Outcome.RETURNED if exc is None else Outcome.SUPPRESSED), None
     except BaseException as raised:
-        return _classify(exc, raised), raised
+        return classify(exc, raised), raised
     finally:
         if scope is not None:
             scope.leave()
@@ -187,7 +208,7 @@ async def _step_async(
     except StopAsyncIteration:
         return (Outcome.RETURNED if exc is None else Outcome.SUPPRESSED), None
     except BaseException as raised:
-        return _classify(exc, raised), raised
+        return classify(exc, raised), raised
     finally:
         if scope is not None:
             scope.leave()

@@ -49,6 +49,7 @@ from reference_model import (
 )
 
 from polydatum import DataManager, State, get_active_context
+from polydatum import telemetry as polydatum_telemetry
 from polydatum.context import DataAccessContext
 from polydatum.testing import TelemetryCapture
 
@@ -379,7 +380,14 @@ def check(s: Scenario, expected: Expected, h: Harness, capture: Capture, run: An
     if outer is not None:
         outer.__enter__()
     with tracer.start_as_current_span("scenario") as root:
-        ctx, escaped = run()
+        if not s.telemetry:
+            # Nothing records: the lifecycle takes its idle fast path.
+            polydatum_telemetry.disable()
+        try:
+            ctx, escaped = run()
+        finally:
+            polydatum_telemetry.enable()
+        assert (ctx._telemetry is None) if not s.telemetry else True
         assert trace.get_current_span() is root, "the current span was not restored"
         assert get_active_context() is outer, "the active context was not restored"
     if outer is not None:
