@@ -138,6 +138,12 @@ class DataAccessContext:
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") or name.startswith("_abc"):
             raise AttributeError(name)
+        if (
+            self._telemetry is None
+            and self._state in RESOURCE_CREATE_STATES
+            and name not in self._resources
+        ):
+            return self._create_idle(name)
         return self.resource(name)
 
     def resource(self, name: str) -> Any:
@@ -193,7 +199,7 @@ class DataAccessContext:
                 raise ResourceSetupException(f"Resource {name} did not yield on setup.") from None
         finally:
             self._creating.discard(name)
-        self._keep_resource(rec, value)
+        self._keep_resource(name, rec, value)
         return value
 
     def _create_slow(self, name: str, gen: Any = None) -> Any:
@@ -207,8 +213,7 @@ class DataAccessContext:
             self._creating.discard(name)
         return self._finish_resource(rec, scope, outcome, value)
 
-    def _keep_resource(self, rec: GeneratorRecord, value: Any) -> None:
-        name = rec.name
+    def _keep_resource(self, name: str, rec: GeneratorRecord, value: Any) -> None:
         self._resources[name] = value
         self._resource_stack.append(rec)
         # Later reads of ctx.<name> skip __getattr__; removed again at exit.
@@ -218,7 +223,10 @@ class DataAccessContext:
 
     # ------------------------------------------------------------------ sync enter/exit
 
-    def __enter__(self) -> DataAccessContext:
+    #: Set by ``DataManager.dal()``: entering yields the DAL instead of the context.
+    _yields_dal = False
+
+    def __enter__(self) -> Any:
         self._begin(is_async=False)
         try:
             middleware_chain = self.data_manager.get_middleware(self)
@@ -238,7 +246,7 @@ class DataAccessContext:
                 raise final from final.__cause__  # the error the setup ended with
             raise final from error  # a middleware replaced the setup error
         self._state = transition(self._state, "setup_done")
-        return self
+        return self.dal if self._yields_dal else self
 
     def _setup_idle(self, chain: list[Any]) -> None:
         """Set middleware up when nothing records: one flat loop, no step records."""
@@ -286,7 +294,7 @@ class DataAccessContext:
             if outcome is Outcome.YIELDED:
                 close_quietly(rec)
             current = self._finish_middleware_teardown(rec, scope, current, outcome, value)
-        self._state = transition(self._state, "middleware_done")
+        self._middleware_done(current)
         stack = self._resource_stack
         while stack:
             rec = stack.pop()
@@ -319,7 +327,7 @@ class DataAccessContext:
                 continue
             close_quietly(rec)
             current = after_middleware_teardown(current, Outcome.YIELDED, twice_yielded(rec))
-        self._state = transition(self._state, "middleware_done")
+        self._middleware_done(current)
         stack = self._resource_stack
         while stack:
             rec = stack.pop()
@@ -341,7 +349,7 @@ class DataAccessContext:
 
     # ----------------------------------------------------------------- async enter/exit
 
-    async def __aenter__(self) -> DataAccessContext:
+    async def __aenter__(self) -> Any:
         self._begin(is_async=True)
         try:
             for position, middleware in enumerate(self.data_manager.get_middleware(self)):
@@ -357,7 +365,7 @@ class DataAccessContext:
                 raise final from final.__cause__  # the error the setup ended with
             raise final from error  # a middleware replaced the setup error
         self._state = transition(self._state, "setup_done")
-        return self
+        return self.dal if self._yields_dal else self
 
     async def __aexit__(
         self,
@@ -387,7 +395,7 @@ class DataAccessContext:
             if outcome is Outcome.YIELDED:
                 await aclose_quietly(rec)
             current = self._finish_middleware_teardown(rec, scope, current, outcome, value)
-        self._state = transition(self._state, "middleware_done")
+        self._middleware_done(current)
         stack = self._resource_stack
         while stack:
             rec = stack.pop()
@@ -399,6 +407,15 @@ class DataAccessContext:
         return self._end(exc, current, setup_failed)
 
     # ------------------------------------------------------- shared by sync and async
+
+    def _middleware_done(self, current: BaseException | None) -> None:
+        """Between the phases: 0.9.1's teardown hook runs before resources tear down."""
+        self._state = transition(self._state, "middleware_done")
+        if self._has_hooks:
+            try:
+                self._teardown_hook(current)
+            except Exception as error:  # recorded like a resource exit error, as in 0.9.1
+                self._record_teardown_error("_teardown_hook", error)
 
     def _begin(self, is_async: bool) -> None:
         self._state = transition(self._state, "enter")
@@ -422,23 +439,19 @@ class DataAccessContext:
         """
         if setup_failed and final is None:
             final = exc
-        if self._has_hooks:
-            try:
-                self._teardown_hook(final)
-            except Exception as error:
-                self._record_teardown_error("_teardown_hook", error)
         for name in self._shortcuts:
             self.__dict__.pop(name, None)
         self._state = transition(self._state, "resources_done")
-        # An ExceptionGroup holds Exceptions only: BaseExceptions (KeyboardInterrupt)
-        # a resource raised at teardown stay recorded, as under the "record" policy.
-        grouped = [e for _, e, _ in self._resource_exit_errors if isinstance(e, Exception)]
-        if self.data_manager.teardown_errors == "raise" and grouped:
-            group = TeardownErrors(
-                f"{len(self._resource_exit_errors)} resource(s) failed to tear down", grouped
-            )
-            group.__cause__ = final
-            final = group
+        if self._resource_exit_errors and self.data_manager.teardown_errors == "raise":
+            # An ExceptionGroup holds Exceptions only: BaseExceptions (KeyboardInterrupt)
+            # a resource raised at teardown stay recorded, as under the "record" policy.
+            grouped = [e for _, e, _ in self._resource_exit_errors if isinstance(e, Exception)]
+            if grouped:
+                group = TeardownErrors(
+                    f"{len(self._resource_exit_errors)} resource(s) failed to tear down", grouped
+                )
+                group.__cause__ = final
+                final = group
         suppressed = exc if exc is not None and final is None else None
         try:
             if self._telemetry is not None:
@@ -580,7 +593,7 @@ class DataAccessContext:
     ) -> Any:
         error: BaseException | None = None
         if outcome is Outcome.YIELDED:
-            self._keep_resource(rec, value)
+            self._keep_resource(rec.name, rec, value)
         elif outcome is Outcome.RETURNED:
             error = ResourceSetupException(f"Resource {rec.name} did not yield on setup.")
         else:

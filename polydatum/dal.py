@@ -7,7 +7,6 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
 from polydatum.context import DataAccessContext, _active, get_active_context
@@ -319,37 +318,6 @@ class PingResult:
     error: str | None = None
 
 
-class _DalScope:
-    """What ``dm.dal()`` returns: a context manager (sync or async) yielding the DAL."""
-
-    __slots__ = ("_ctx",)
-
-    def __init__(self, ctx: DataAccessContext) -> None:
-        self._ctx = ctx
-
-    def __enter__(self) -> DataAccessLayer:
-        return self._ctx.__enter__().dal
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool:
-        return self._ctx.__exit__(exc_type, exc, tb)
-
-    async def __aenter__(self) -> DataAccessLayer:
-        return (await self._ctx.__aenter__()).dal
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool:
-        return await self._ctx.__aexit__(exc_type, exc, tb)
-
-
 class DataManager:
     """The registry of services, resources and middleware; one per process, usually.
 
@@ -437,9 +405,14 @@ class DataManager:
         """A new (not yet entered) context; use ``with`` or ``async with``."""
         return self.Context(self, meta=meta)
 
-    def dal(self, meta: Meta | dict[str, Any] | None = None) -> _DalScope:
-        """Start a context and give the DAL: ``with dm.dal() as dal:`` (or ``async with``)."""
-        return _DalScope(self.context(meta=meta))
+    def dal(self, meta: Meta | dict[str, Any] | None = None) -> DataAccessContext:
+        """Start a context and give the DAL: ``with dm.dal() as dal:`` (or ``async with``).
+
+        The context itself is returned; entering it yields its DAL.
+        """
+        ctx = self.Context(self, meta=meta)
+        ctx._yields_dal = True
+        return ctx
 
     def get_active_context(self) -> DataAccessContext | None:
         """The active context in this thread / task, or ``None``."""

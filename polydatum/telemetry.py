@@ -516,6 +516,14 @@ class Telemetry:
         """Begin recording one context, or ``None`` when nothing would record."""
         if not _ENABLED:
             return None
+        if (
+            self.tracer_provider is None
+            and self.meter_provider is None
+            and trace._TRACER_PROVIDER is None
+            and _metrics_internal._METER_PROVIDER is None
+            and not _level_enabled(logging.INFO)
+        ):
+            return None  # the idle path: no provider anywhere, INFO filtered out
         tracer = self.tracer()
         instruments = self.instruments()
         info = _level_enabled(logging.INFO)
