@@ -84,18 +84,24 @@ _ADVICE: dict[tuple[State, str], str] = {
 }
 
 
+#: :data:`TRANSITIONS` indexed by state, for the per-step lookup.
+_NEXT: dict[State, dict[str, State]] = {state: {} for state in State}
+for (_state, _event), _target in TRANSITIONS.items():
+    _NEXT[_state][_event] = _target
+
+
 def transition(state: State, event: str) -> State:
     """Return the state after ``event``; :class:`ContextStateError` if the table forbids it."""
-    try:
-        return TRANSITIONS[(state, event)]
-    except KeyError:
-        advice = _ADVICE.get((state, event))
-        if advice is None:
-            allowed = sorted(e for (s, e) in TRANSITIONS if s is state) or ["none"]
-            advice = f"events allowed in this state: {', '.join(allowed)}"
-        raise ContextStateError(
-            f"Cannot {event.replace('_', ' ')} a context in state '{state.value}': {advice}."
-        ) from None
+    target = _NEXT[state].get(event)
+    if target is not None:
+        return target
+    advice = _ADVICE.get((state, event))
+    if advice is None:
+        allowed = sorted(e for (s, e) in TRANSITIONS if s is state) or ["none"]
+        advice = f"events allowed in this state: {', '.join(allowed)}"
+    raise ContextStateError(
+        f"Cannot {event.replace('_', ' ')} a context in state '{state.value}': {advice}."
+    )
 
 
 class Outcome(enum.Enum):
