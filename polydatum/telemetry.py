@@ -74,16 +74,36 @@ _ENABLED = "polydatum" not in {
 }
 
 
-def enable() -> None:
-    """Turn polydatum's telemetry on (the default, unless disabled by the environment)."""
-    global _ENABLED
+#: Providers for DataManagers created without their own (set by :func:`enable`);
+#: ``None`` means "the global provider".
+_DEFAULT_TRACER_PROVIDER: Any = None
+_DEFAULT_METER_PROVIDER: Any = None
+
+
+def enable(tracer_provider: Any = None, meter_provider: Any = None) -> None:
+    """Turn polydatum's telemetry on (the default, unless disabled by the environment).
+
+    ``tracer_provider`` / ``meter_provider`` (what ``PolydatumInstrumentor().instrument()``
+    passes on) become the providers of every DataManager that was not given its own;
+    otherwise those use the global providers.
+    """
+    global _ENABLED, _DEFAULT_TRACER_PROVIDER, _DEFAULT_METER_PROVIDER
     _ENABLED = True
+    if tracer_provider is not None:
+        _DEFAULT_TRACER_PROVIDER = tracer_provider
+    if meter_provider is not None:
+        _DEFAULT_METER_PROVIDER = meter_provider
 
 
 def disable() -> None:
-    """Turn polydatum's telemetry off (as ``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS=polydatum``)."""
-    global _ENABLED
+    """Turn polydatum's telemetry off (as ``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS=polydatum``).
+
+    Also forgets providers given to :func:`enable`.
+    """
+    global _ENABLED, _DEFAULT_TRACER_PROVIDER, _DEFAULT_METER_PROVIDER
     _ENABLED = False
+    _DEFAULT_TRACER_PROVIDER = None
+    _DEFAULT_METER_PROVIDER = None
 
 
 def is_enabled() -> bool:
@@ -484,7 +504,7 @@ class Telemetry:
 
     def tracer(self) -> Any:
         """The tracer to use now, or ``None`` when tracing would record nothing."""
-        provider = self.tracer_provider
+        provider = self.tracer_provider or _DEFAULT_TRACER_PROVIDER
         if provider is None:
             if not _global_tracer_provider_set():
                 return None
@@ -500,7 +520,7 @@ class Telemetry:
 
     def instruments(self) -> _Instruments | None:
         """The metric instruments to use now, or ``None`` when metrics would record nothing."""
-        provider = self.meter_provider
+        provider = self.meter_provider or _DEFAULT_METER_PROVIDER
         if provider is None:
             if not _global_meter_provider_set():
                 return None
@@ -519,6 +539,8 @@ class Telemetry:
         if (
             self.tracer_provider is None
             and self.meter_provider is None
+            and _DEFAULT_TRACER_PROVIDER is None
+            and _DEFAULT_METER_PROVIDER is None
             and trace._TRACER_PROVIDER is None
             and _metrics_internal._METER_PROVIDER is None
             and not _level_enabled(logging.INFO)

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from polydatum import Service, telemetry
+from polydatum import DataManager, Service, telemetry
 from polydatum.testing import TelemetryCapture
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -163,6 +163,27 @@ def test_instrument_and_uninstrument_in_process(on_path: Any) -> None:
         assert cap.tree() == [("polydatum.context", [("books.get", [])])]
 
 
-def test_providers_belong_to_the_data_manager(on_path: Any) -> None:
-    with pytest.raises(TypeError, match=r"DataManager\(tracer_provider=..., meter_provider=...\)"):
-        on_path().instrument(tracer_provider=object())
+def test_instrument_with_providers(on_path: Any) -> None:
+    """instrument(tracer_provider=...) serves DataManagers created without their own."""
+    with TelemetryCapture() as cap, TelemetryCapture() as own:
+        plain = DataManager()
+        plain.register_services(books=Books())
+        explicit = own.data_manager()
+        explicit.register_services(books=Books())
+        instrumentor = on_path()
+        instrumentor.instrument(
+            tracer_provider=cap.tracer_provider, meter_provider=cap.meter_provider
+        )
+        try:
+            with plain.dal() as dal:
+                dal.books.get(1)
+            with explicit.dal() as dal:
+                dal.books.get(2)
+        finally:
+            instrumentor.uninstrument()
+        with plain.dal() as dal:
+            dal.books.get(3)
+        assert cap.tree() == [("polydatum.context", [("books.get", [])])]
+        assert own.tree() == [("polydatum.context", [("books.get", [])])]
+        (point,) = cap.metrics("polydatum.service.duration")
+        assert point.attributes == {"polydatum.service.path": "books.get"}

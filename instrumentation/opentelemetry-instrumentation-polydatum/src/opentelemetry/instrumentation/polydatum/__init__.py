@@ -19,8 +19,9 @@ Usage without the ``opentelemetry-instrument`` wrapper::
     PolydatumInstrumentor().instrument()
 
 Providers: a DataManager created with ``tracer_provider=`` / ``meter_provider=`` uses
-those; every other DataManager uses the global providers, looked up per context (so
-an SDK configured after the DataManager was created is picked up).
+those; every other DataManager uses the providers passed to
+``instrument(tracer_provider=..., meter_provider=...)`` if any, else the global
+providers, looked up per context (so an SDK configured later is picked up).
 """
 
 from __future__ import annotations
@@ -44,13 +45,11 @@ class PolydatumInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     def _instrument(self, **kwargs: Any) -> None:
         from polydatum import telemetry
 
-        if kwargs.get("tracer_provider") is not None or kwargs.get("meter_provider") is not None:
-            raise TypeError(
-                "polydatum takes providers per DataManager: "
-                "DataManager(tracer_provider=..., meter_provider=...); "
-                "instrument() turns telemetry on for the global providers"
-            )
-        telemetry.enable()
+        # Providers given here serve every DataManager created without its own.
+        telemetry.enable(
+            tracer_provider=kwargs.get("tracer_provider"),
+            meter_provider=kwargs.get("meter_provider"),
+        )
 
     def _uninstrument(self, **kwargs: Any) -> None:
         from polydatum import telemetry
