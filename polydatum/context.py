@@ -107,11 +107,13 @@ class DataAccessContext:
         self._resource_exit_errors: list[ExcInfo] = []
         self._creating: set[str] = set()
         self._shortcuts: list[str] = []
-        self._telemetry: ContextTelemetry | None = None
-        self._token: Token[DataAccessContext | None] | None = None
-        self._outer: DataAccessContext | None = None
-        self._id: str | None = None
-        self._is_async = False
+        # _telemetry, _token, _id and _is_async start as the class defaults below
+        # (one context per request: every attribute set here is on the hot path).
+
+    _telemetry: ContextTelemetry | None = None
+    _token: Token[DataAccessContext | None] | None = None
+    _id: str | None = None
+    _is_async = False
 
     # ----------------------------------------------------------------- public API
 
@@ -419,8 +421,8 @@ class DataAccessContext:
 
     def _begin(self, is_async: bool) -> None:
         self._state = transition(self._state, "enter")
-        self._is_async = is_async
-        self._outer = _active.get()
+        if is_async:
+            self._is_async = True
         self._token = _active.set(self)
         telemetry = self.data_manager._telemetry.start(self)
         self._telemetry = telemetry
@@ -465,8 +467,8 @@ class DataAccessContext:
                 try:
                     _active.reset(token)
                 except ValueError:  # exited in another thread/task than it was entered
-                    _active.set(self._outer)
-            self._outer = None
+                    outer = token.old_value
+                    _active.set(None if outer is Token.MISSING else outer)
         return final
 
     def _start_middleware(
