@@ -20,8 +20,8 @@ are those of :mod:`polydatum.lifecycle`; the exception semantics are:
 
 from __future__ import annotations
 
-import os
 from contextvars import ContextVar, Token
+from random import getrandbits as _random_bits
 from types import AsyncGeneratorType, GeneratorType, TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -121,7 +121,8 @@ class DataAccessContext:
     def id(self) -> str:
         """A random id for this context (recorded as ``polydatum.context.id``)."""
         if self._id is None:
-            self._id = os.urandom(8).hex()
+            # Not a secret, just unique enough to find a request: no syscall needed.
+            self._id = f"{_random_bits(64):016x}"
         return self._id
 
     @property

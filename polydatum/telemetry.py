@@ -791,6 +791,8 @@ class ContextTelemetry:
                 else self.instruments.resource_duration
             )
             histogram.record(duration, attrs)
+        if not self.info:
+            return  # the rest feeds the log lines only
         if kind == "middleware":
             entry = self.middleware.setdefault(step.position, {"name": step.name})
             entry[f"{step.phase}_ms"] = round(duration * 1000, 3)
