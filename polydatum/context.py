@@ -20,6 +20,7 @@ are those of :mod:`polydatum.lifecycle`; the exception semantics are:
 
 from __future__ import annotations
 
+import atexit
 from contextvars import ContextVar, Token
 from random import getrandbits as _random_bits
 from types import AsyncGeneratorType, GeneratorType, TracebackType
@@ -64,6 +65,37 @@ _EMPTY_META = Meta()
 _active: ContextVar[DataAccessContext | None] = ContextVar("polydatum_active_context", default=None)
 
 
+#: Contexts entered and not yet exited, in any thread or task (for the exit report).
+_OPEN: set[DataAccessContext] = set()
+_exit_report_registered = False
+
+
+def _report_open_contexts() -> None:
+    """At interpreter exit: end the spans of contexts still open, and say so once.
+
+    Their resources are *not* torn down: running application teardown code while the
+    interpreter shuts down is unsafe. Registered on the first context, so it runs
+    before the OpenTelemetry SDK's own exit flush (atexit runs last-registered first)
+    and the ended context spans are still exported.
+    """
+    still_open = list(_OPEN)
+    if not still_open:
+        return
+    from polydatum.telemetry import _logger
+
+    for ctx in still_open:
+        telemetry = ctx._telemetry
+        if telemetry is not None:
+            telemetry.abandon()
+    _logger().warning(
+        "polydatum.context.open_at_exit",
+        count=len(still_open),
+        context_ids=sorted(ctx.id for ctx in still_open),
+        states=sorted(ctx.state.value for ctx in still_open),
+        detail="these contexts were never exited: their resources were not torn down",
+    )
+
+
 def get_active_context() -> DataAccessContext | None:
     """The context active in this thread / asyncio task, or ``None``."""
     return _active.get()
@@ -72,6 +104,12 @@ def get_active_context() -> DataAccessContext | None:
 def _callable_name(obj: Any) -> str:
     name = getattr(obj, "__name__", None)
     return name if isinstance(name, str) else type(obj).__name__
+
+
+def _register_exit_report() -> None:
+    global _exit_report_registered
+    _exit_report_registered = True
+    atexit.register(_report_open_contexts)
 
 
 class DataAccessContext:
@@ -425,6 +463,9 @@ class DataAccessContext:
         if is_async:
             self._is_async = True
         self._token = _active.set(self)
+        _OPEN.add(self)
+        if not _exit_report_registered:
+            _register_exit_report()
         telemetry = self.data_manager._telemetry.start(self)
         self._telemetry = telemetry
         if telemetry is not None:
@@ -463,6 +504,7 @@ class DataAccessContext:
         finally:
             if self._has_hooks:
                 self._final_hook(final)
+            _OPEN.discard(self)
             token, self._token = self._token, None
             if token is not None:
                 try:

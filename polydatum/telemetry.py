@@ -670,6 +670,17 @@ class ContextTelemetry:
         if self.debug:
             self._log().debug("polydatum.context.enter")
 
+    def abandon(self) -> None:
+        """End the context span of a context still open at interpreter exit (ERROR)."""
+        span = self.span
+        if span is None:
+            return
+        with contextlib.suppress(Exception):
+            span.set_status(Status(StatusCode.ERROR, "context still open at interpreter exit"))
+            span.set_attribute("polydatum.abandoned", True)
+        _end_span(span)
+        self.span = None
+
     def _log(self) -> Any:
         if self.log is None:
             bound: dict[str, Any] = {"context_id": self.ctx.id}
