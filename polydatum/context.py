@@ -124,8 +124,12 @@ class DataAccessContext:
     #: Whether a subclass overrides one of 0.9.1's hooks (skips three no-op calls if not).
     _has_hooks = False
 
+    #: Names defined on the class (a resource never shadows one); set per subclass.
+    _class_attributes: frozenset[str] = frozenset()
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        cls._class_attributes = frozenset(dir(cls))
         cls._has_hooks = any(
             getattr(cls, hook) is not getattr(DataAccessContext, hook)
             for hook in ("_setup_hook", "_teardown_hook", "_final_hook")
@@ -258,7 +262,7 @@ class DataAccessContext:
         self._resources[name] = value
         self._resource_stack.append(rec)
         # Later reads of ctx.<name> skip __getattr__; removed again at exit.
-        if name not in self.__dict__ and not hasattr(type(self), name):
+        if name not in self.__dict__ and name not in type(self)._class_attributes:
             self.__dict__[name] = value
             self._shortcuts.append(name)
 
@@ -708,3 +712,6 @@ class DataAccessContext:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self._id or hex(id(self))} {self._state.value}>"
+
+
+DataAccessContext._class_attributes = frozenset(dir(DataAccessContext))

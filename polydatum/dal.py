@@ -65,6 +65,9 @@ class DataAccessLayer:
         self._services: dict[str, Service] = {}
         self._data_manager = data_manager
         self._resolved: dict[tuple[str, ...], Resolved] = {}
+        # Bumped whenever what a path resolves to may change (services, middleware):
+        # commands remember their resolution together with the generation it is for.
+        self._generation = 0
         self._base_handler = handler
         self._default_middleware = [self._check(m) for m in (default_middleware or ())]
         self._middleware: list[Any] = []
@@ -105,6 +108,7 @@ class DataAccessLayer:
         self._ahandler = ahandler
         # No method middleware of the user's and the stock resolver and handler: a
         # resolved call can go straight to the method (the common, hot case).
+        self._generation = getattr(self, "_generation", 0) + 1
         self._direct = (
             not self._middleware
             and self._default_middleware == [dal_method_resolver_middleware]
@@ -142,8 +146,13 @@ class DataAccessLayer:
             )
         setup(self._data_manager)
         self._services[key] = service
-        self._resolved.clear()
+        self._invalidate()
         return service
+
+    def _invalidate(self) -> None:
+        """Forget every cached resolution (a service was registered or replaced)."""
+        self._resolved.clear()
+        self._generation += 1
 
     @property
     def services(self) -> dict[str, Service]:
@@ -174,6 +183,7 @@ class DataAccessLayer:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         path: tuple[PathSegment, ...] | None = None,
+        command: _DalPath | None = None,
     ) -> Any:
         ctx = _active.get()
         if ctx is None:
@@ -185,6 +195,9 @@ class DataAccessLayer:
             except DalMethodError:
                 resolved = None  # middleware may still handle it; the resolver raises otherwise
         if resolved is not None and self._direct and not resolved.is_async:
+            if command is not None:  # next time the command calls the method itself
+                command._target = resolved
+                command._generation = self._generation
             method = getattr(resolved.service, resolved.method)
             telemetry = ctx._telemetry
             if telemetry is None:
@@ -273,13 +286,17 @@ class _DalPath(DalCommand):
     always carry plain names, so calling one costs no allocation besides the call.
     """
 
-    __slots__ = ("_children",)
+    __slots__ = ("_children", "_generation", "_target")
     _children: dict[str, DalCommand]
+    _generation: int
+    _target: Resolved | None
 
     @classmethod
     def _from_names(cls, handler: Callable[..., Any], names: tuple[str, ...]) -> DalCommand:
         command = super()._from_names(handler, names)
         command._children = {}  # type: ignore[attr-defined]
+        command._generation = -1  # type: ignore[attr-defined]
+        command._target = None  # type: ignore[attr-defined]
         return command
 
     def __getattr__(self, name: str) -> DalCommand:
@@ -295,7 +312,14 @@ class _DalPath(DalCommand):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         dal: DataAccessLayer = self._handler.__self__  # type: ignore[attr-defined]
-        return dal._call_names(self._names or self.names, args, kwargs)
+        target = self._target
+        if target is not None and self._generation == dal._generation:
+            # Resolved before for this registration, no method middleware: when nothing
+            # records, call the method directly (the idle hot path).
+            ctx = _active.get()
+            if ctx is not None and ctx._telemetry is None:
+                return getattr(target.service, target.method)(*args, **kwargs)
+        return dal._call_names(self._names or self.names, args, kwargs, command=self)
 
 
 def _async_link(middleware: Any, inner: Callable[[DalCommandRequest], Any]) -> Any:

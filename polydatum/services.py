@@ -38,6 +38,9 @@ class Service:
         for key, service in services.items():
             service.setup(self.__dict__.get("_data_manager"))
             subs[key] = service
+        dal = self.__dict__.get("_dal")
+        if dal is not None:
+            dal._invalidate()  # paths through this service may resolve differently now
         return self
 
     def __getattr__(self, name: str) -> Any:

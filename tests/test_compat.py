@@ -432,3 +432,22 @@ def test_framework_methods_are_not_service_methods(dm: DataManager, path: str) -
     with dm.dal() as dal:
         with pytest.raises(DalMethodError, match="has no public method"):
             dal[path]()
+
+
+def test_replacing_services_after_calls_takes_effect(dm: DataManager) -> None:
+    class Other(Profile):
+        def get(self, uid: int) -> dict[str, Any]:
+            return {"other": uid}
+
+    with dm.dal({"user": "u"}) as dal:
+        assert dal.users.profile.get(1) == {"id": 1, "user": "u"}
+        assert dal.users.profile.get(1) == {"id": 1, "user": "u"}  # cached resolution
+    dm.get_dal().services["users"].register_services(extra=Profile())
+    users = Users().register_services(profile=Other())
+    dm.replace_service("users", users)
+    with dm.dal({"user": "u"}) as dal:
+        assert dal.users.profile.get(2) == {"other": 2}
+    users.register_services(more=Other())
+    with dm.dal({"user": "u"}) as dal:
+        assert dal.users.more.get(3) == {"other": 3}
+        assert dal.users.profile.get(4) == {"other": 4}
