@@ -43,6 +43,7 @@ from polydatum.lifecycle import (
     aclose_quietly,
     adrive,
     after_middleware_teardown,
+    callable_name,
     classify,
     close_quietly,
     step,
@@ -99,11 +100,6 @@ def _report_open_contexts() -> None:
 def get_active_context() -> DataAccessContext | None:
     """The context active in this thread / asyncio task, or ``None``."""
     return _active.get()
-
-
-def _callable_name(obj: Any) -> str:
-    name = getattr(obj, "__name__", None)
-    return name if isinstance(name, str) else type(obj).__name__
 
 
 def _register_exit_report() -> None:
@@ -522,7 +518,7 @@ class DataAccessContext:
         self, position: int, middleware: Any, gen: Any = None
     ) -> tuple[GeneratorRecord, Any]:
         """Call a middleware (unless ``gen`` is what it already returned) and check it."""
-        name = _callable_name(middleware)
+        name = callable_name(middleware)
         telemetry = self._telemetry
         scope = (
             telemetry.step_started("middleware", "setup", name, position)

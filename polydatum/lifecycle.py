@@ -122,6 +122,12 @@ class StepScope(Protocol):
     def leave(self) -> None: ...
 
 
+def callable_name(obj: Any) -> str:
+    """The name a middleware is known by: its ``__name__``, else its class's name."""
+    name = getattr(obj, "__name__", None)
+    return name if isinstance(name, str) else type(obj).__name__
+
+
 class GeneratorRecord:
     """A middleware or resource generator in flight, with the context it runs in.
 
@@ -155,8 +161,7 @@ class GeneratorRecord:
         Derived lazily: the idle fast path needs a name only when something fails.
         """
         if self._name is None:
-            name = getattr(self.source, "__name__", None)
-            self._name = name if isinstance(name, str) else type(self.source).__name__
+            self._name = callable_name(self.source)
         return self._name
 
 

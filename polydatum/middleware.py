@@ -239,10 +239,3 @@ def handle_dal_method(request: DalCommandRequest) -> Any:
     if method is None:
         raise DalMethodError(request.path, "not resolved")
     return method(*request.args, **request.kwargs)
-
-
-def is_async_callable(obj: Any) -> bool:
-    """Whether calling ``obj`` returns a coroutine (``async def`` function or ``__call__``)."""
-    return inspect.iscoroutinefunction(obj) or inspect.iscoroutinefunction(
-        getattr(obj, "__call__", None)  # noqa: B004
-    )
