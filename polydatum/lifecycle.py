@@ -115,11 +115,16 @@ class Outcome(enum.Enum):
 
 
 class StepScope(Protocol):
-    """What the telemetry layer hands out for one step; entered inside the generator's context."""
+    """What the telemetry layer hands out for one step; entered inside the generator's context.
+
+    ``enter`` runs at the start of the step, inside the generator's own
+    :class:`contextvars.Context`. That context is private to the generator and runs
+    nothing between its steps, so whatever ``enter`` sets there (the step's span as
+    the current span) needs no undoing: the next step's ``enter`` replaces it, and
+    the caller never sees it.
+    """
 
     def enter(self) -> None: ...
-
-    def leave(self) -> None: ...
 
 
 def callable_name(obj: Any) -> str:
@@ -193,9 +198,6 @@ def step(
         return (Outcome.RETURNED if exc is None else Outcome.SUPPRESSED), None
     except BaseException as raised:
         return classify(exc, raised), raised
-    finally:
-        if scope is not None:
-            scope.leave()
     return Outcome.YIELDED, value
 
 
@@ -220,9 +222,6 @@ async def _step_async(
         return (Outcome.RETURNED if exc is None else Outcome.SUPPRESSED), None
     except BaseException as raised:
         return classify(exc, raised), raised
-    finally:
-        if scope is not None:
-            scope.leave()
     return Outcome.YIELDED, value
 
 

@@ -27,6 +27,7 @@ import os
 import re
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,7 @@ import structlog
 from opentelemetry import context as otel_context
 from opentelemetry import metrics as otel_metrics
 from opentelemetry import trace
+from opentelemetry.metrics import Observation
 from opentelemetry.metrics import _internal as _metrics_internal
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
@@ -258,22 +260,83 @@ class _SafeLog:
         self._emit("warning", event, fields)
 
 
+#: ``(configuration key, logger)``: the assembled ``polydatum`` logger (see :func:`_base_logger`).
+_BASE_LOGGER: tuple[Any, Any] = ((), None)
+
+
+def _base_logger() -> Any:
+    """structlog's ``polydatum`` logger, assembled once per structlog configuration.
+
+    ``structlog.get_logger(...).bind()`` assembles a new logger (factory call,
+    processor chain, context) every time; a context logs at least once, so the
+    assembled logger is kept until the configuration changes. ``structlog.configure``
+    and ``reset_defaults`` replace the objects the key is made of, so a new
+    configuration (or ``structlog.testing.capture_logs``) is picked up at once.
+    """
+    config = getattr(structlog._config, "_CONFIG", None)
+    if config is None:  # structlog's internals moved: assemble every time
+        return structlog.get_logger(LOGGER_NAME).bind()
+    global _BASE_LOGGER
+    key = (
+        config.is_configured,
+        config.logger_factory,
+        config.default_processors,
+        config.default_wrapper_class,
+        config.default_context_class,
+    )
+    cached_key, logger = _BASE_LOGGER
+    if cached_key != key:
+        logger = structlog.get_logger(LOGGER_NAME).bind()
+        _BASE_LOGGER = (key, logger)
+    return logger
+
+
 def _logger(**bound: Any) -> _SafeLog:
     try:
-        return _SafeLog(structlog.get_logger(LOGGER_NAME).bind(**bound))
+        return _SafeLog(_base_logger().bind(**bound))
     except Exception as error:
         _report_loss("a structlog logger", error)
         return _SafeLog(None)
 
 
-def _start_span(tracer: Any, name: str, **options: Any) -> Span | None:
-    """``tracer.start_span``, or ``None`` (and the loss reported) when the SDK raises."""
+def _start_span(
+    tracer: Any, name: str, parent: Any, attributes: Mapping[str, Any] | None
+) -> Span | None:
+    """``tracer.start_span`` (kind INTERNAL), or ``None`` (the loss reported) if the SDK raises.
+
+    ``parent`` is an OpenTelemetry ``Context`` or ``None`` for "the current one".
+    """
     try:
-        span: Span = tracer.start_span(name, **options)
+        span: Span = tracer.start_span(name, parent, _INTERNAL, attributes)
     except Exception as error:
         _report_loss("starting a span (a span processor's on_start?)", error)
         return None
     return span
+
+
+_INTERNAL = SpanKind.INTERNAL
+_in_context = trace.set_span_in_context
+
+
+def _current_context_var() -> Any:
+    """The ``ContextVar`` behind OpenTelemetry's current context, if that is how it is kept.
+
+    ``otel_context.attach``/``detach`` are this variable's ``set``/``reset`` plus two
+    calls of indirection; on the per-step path the variable is used directly. Any
+    other runtime context (``OTEL_PYTHON_CONTEXT``) goes through the public API.
+    """
+    runtime = getattr(otel_context, "_RUNTIME_CONTEXT", None)
+    var = getattr(runtime, "_current_context", None)
+    if type(runtime).__name__ == "ContextVarsRuntimeContext" and hasattr(var, "reset"):
+        return var
+    return None
+
+
+_otel_var = _current_context_var()
+#: Make an OpenTelemetry context current; returns the token for :data:`_detach`.
+_attach: Any = _otel_var.set if _otel_var is not None else otel_context.attach
+#: Undo :data:`_attach` (strictly LIFO).
+_detach: Any = _otel_var.reset if _otel_var is not None else otel_context.detach
 
 
 def _end_span(span: Span) -> None:
@@ -432,13 +495,41 @@ def _global_meter_provider_set() -> bool:
     return getattr(_metrics_internal, "_METER_PROVIDER", None) is not None
 
 
+#: Meter providers that already have the ``polydatum.context.active`` observer (weakly:
+#: an id could be reused by a later provider).
+_ACTIVE_OBSERVED: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _observe_active(provider: Any) -> Any:
+    """The callback of ``polydatum.context.active`` for one meter provider.
+
+    It counts the contexts open right now whose telemetry records to ``provider``,
+    at collection time only: an up-down counter ``add()`` at every enter and exit
+    would cost two SDK calls per context for a value read once per export.
+    """
+
+    def observe(_options: Any) -> Iterable[Observation]:
+        from polydatum.context import _OPEN
+
+        count = 0
+        for ctx in list(_OPEN):
+            telemetry = ctx._telemetry
+            if telemetry is not None:
+                instruments = telemetry.instruments
+                if instruments is not None and instruments.provider is provider:
+                    count += 1
+        return [Observation(count)]
+
+    return observe
+
+
 class _Instruments:
     """polydatum's metric instruments on one meter."""
 
     __slots__ = (
-        "context_active",
         "context_duration",
         "middleware_duration",
+        "provider",
         "resource_duration",
         "service_duration",
         "teardown_errors",
@@ -447,6 +538,7 @@ class _Instruments:
     def __init__(self, provider: MeterProvider) -> None:
         from polydatum import __version__
 
+        self.provider = provider
         meter = provider.get_meter(INSTRUMENTATION_NAME, __version__)
         buckets = list(DURATION_BUCKETS)
         self.context_duration = meter.create_histogram(
@@ -473,10 +565,74 @@ class _Instruments:
             "polydatum.resource.teardown.errors", unit="{error}",
             description="Errors raised by resources while tearing down (suppressed and recorded).",
         )  # fmt: skip
-        self.context_active = meter.create_up_down_counter(
-            "polydatum.context.active", unit="{context}",
-            description="Contexts currently entered and not yet exited.",
-        )  # fmt: skip
+        try:  # one observer per provider, however many DataManagers share it
+            observed = provider in _ACTIVE_OBSERVED
+            _ACTIVE_OBSERVED.add(provider)
+        except TypeError:  # a provider that cannot be weakly referenced
+            observed = False
+        if not observed:
+            meter.create_observable_up_down_counter(
+                "polydatum.context.active", callbacks=[_observe_active(provider)],
+                unit="{context}", description="Contexts currently entered and not yet exited.",
+            )  # fmt: skip
+
+
+class _Plan:
+    """What is the same for every run of one step: span name and attributes, metric labels.
+
+    Built once per (kind, phase, name, position) and DataManager; every span and
+    histogram sample of that step shares these dicts (the SDK copies what it keeps).
+    """
+
+    __slots__ = (
+        "kind",
+        "metric_attrs",
+        "name",
+        "phase",
+        "position",
+        "source",
+        "span_attrs",
+        "span_name",
+    )
+
+    def __init__(
+        self,
+        kind: str,
+        phase: str,
+        name: str,
+        position: int,
+        source: Mapping[str, Any] | None,
+    ) -> None:
+        self.kind = kind
+        self.phase = phase
+        self.name = name
+        self.position = position
+        self.source = source  # the resource's telemetry_attributes the plan was built from
+        span_attrs: dict[str, Any]
+        if kind == "middleware":
+            self.span_name = f"polydatum.middleware.{phase} {name}"
+            span_attrs = {
+                "polydatum.middleware.name": name,
+                "polydatum.middleware.position": position,
+            }
+        elif kind == "resource":
+            self.span_name = f"polydatum.resource.{phase} {name}"
+            span_attrs = {"polydatum.resource.name": name}
+            if source:
+                span_attrs.update(source)
+        else:  # a service call: ``name`` is the path, ``phase`` the function's qualified
+            # name (part of the cache key only), ``source`` the code attributes
+            self.span_name = name
+            span_attrs = {"polydatum.service.path": name, **(source or {})}
+        if phase == "teardown":
+            # The usual outcome, set at start (cheaper than a set_attribute at the
+            # end); a teardown that ends otherwise overwrites it.
+            span_attrs["polydatum.outcome"] = "ok"
+        self.span_attrs = span_attrs
+        if kind == "service":
+            self.metric_attrs: dict[str, Any] = {"polydatum.service.path": name}
+        else:
+            self.metric_attrs = {f"polydatum.{kind}.name": name, "polydatum.phase": phase}
 
 
 class Telemetry:
@@ -501,6 +657,29 @@ class Telemetry:
         self._tracer: Any = None
         self._instruments_for: Any = None
         self._instruments: _Instruments | None = None
+        self._plans: dict[tuple[str, str, str, int], _Plan] = {}
+
+    def plan(
+        self,
+        kind: str,
+        phase: str,
+        name: str,
+        position: int = 0,
+        source: Mapping[str, Any] | None = None,
+    ) -> _Plan:
+        """The :class:`_Plan` of one step (cached; bounded for hostile names)."""
+        key = (kind, phase, name, position)
+        plan = self._plans.get(key)
+        if plan is None or plan.source is not source:
+            plan = _Plan(kind, phase, name, position, source)
+            if len(self._plans) < 10_000:
+                self._plans[key] = plan
+        return plan
+
+    def call_plan(self, path: str, function: str) -> _Plan:
+        """The :class:`_Plan` of calls to the service method ``path`` (``function`` is its
+        qualified name; it is part of the key since re-registration may change it)."""
+        return self.plan("service", function, path, 0, {"code.function.name": function})
 
     def tracer(self) -> Any:
         """The tracer to use now, or ``None`` when tracing would record nothing."""
@@ -566,28 +745,26 @@ class Telemetry:
 
 
 class _Step:
-    """One lifecycle step being recorded: its span (if tracing) and start time."""
+    """One lifecycle step being recorded: its plan, span (if tracing) and start time."""
 
-    __slots__ = ("attrs", "kind", "name", "phase", "position", "span", "t0", "token")
+    __slots__ = ("otel_ctx", "plan", "span", "t0", "token")
 
-    def __init__(self, kind: str, phase: str, name: str, position: int) -> None:
-        self.kind = kind
-        self.phase = phase
-        self.name = name
-        self.position = position
-        self.span: Span | None = None
-        self.token: object = None
-        self.attrs: dict[str, Any] | None = None
+    def __init__(self, plan: _Plan, span: Span | None, otel_ctx: Any) -> None:
+        self.plan = plan
+        self.span = span
+        self.otel_ctx = otel_ctx  # the context the span is current in (None: no span)
+        self.token: Any = None
         self.t0 = time.perf_counter()
 
     def enter(self) -> None:
-        if self.span is not None:
-            self.token = otel_context.attach(trace.set_span_in_context(self.span))
+        """Make the step's span current; called inside the generator's own context.
 
-    def leave(self) -> None:
-        if self.token is not None:
-            otel_context.detach(self.token)  # type: ignore[arg-type]
-            self.token = None
+        That ``contextvars.Context`` belongs to the generator and runs nothing
+        between its steps, so the value is simply overwritten by the next step:
+        nothing leaks into the caller, and there is no token to reset.
+        """
+        if self.otel_ctx is not None:
+            _attach(self.otel_ctx)
 
 
 _PHASE_OUTCOMES = {
@@ -658,15 +835,11 @@ class ContextTelemetry:
             attrs: dict[str, Any] = {"polydatum.context.id": self.ctx.id}
             if self.telemetry.meta_attributes:
                 attrs.update(redact_meta(self.ctx.meta, self.telemetry.meta_attributes))
-            span = _start_span(
-                self.tracer, "polydatum.context", kind=SpanKind.INTERNAL, attributes=attrs
-            )
+            span = _start_span(self.tracer, "polydatum.context", None, attrs)
             if span is not None:
                 self.span = span
-                self.parent_ctx = trace.set_span_in_context(span)
-                self.token = otel_context.attach(self.parent_ctx)
-        if self.instruments is not None:
-            self.instruments.context_active.add(1)
+                self.parent_ctx = _in_context(span)
+                self.token = _attach(self.parent_ctx)
         if self.debug:
             self._log().debug("polydatum.context.enter")
 
@@ -681,14 +854,18 @@ class ContextTelemetry:
         _end_span(span)
         self.span = None
 
+    def _ids(self) -> dict[str, Any]:
+        """The ids every polydatum log event of this context carries."""
+        ids: dict[str, Any] = {"context_id": self.ctx.id}
+        if self.span is not None:
+            sc = self.span.get_span_context()
+            ids["trace_id"] = format(sc.trace_id, "032x")
+            ids["span_id"] = format(sc.span_id, "016x")
+        return ids
+
     def _log(self) -> Any:
         if self.log is None:
-            bound: dict[str, Any] = {"context_id": self.ctx.id}
-            if self.span is not None:
-                sc = self.span.get_span_context()
-                bound["trace_id"] = format(sc.trace_id, "032x")
-                bound["span_id"] = format(sc.span_id, "016x")
-            self.log = _logger(**bound)
+            self.log = _logger(**self._ids())
         return self.log
 
     def finish(self, error: BaseException | None, suppressed: BaseException | None) -> None:
@@ -705,34 +882,44 @@ class ContextTelemetry:
             _end_span(span)
             if self.token is not None:
                 with contextlib.suppress(Exception):  # entered in another thread/task
-                    otel_context.detach(self.token)  # type: ignore[arg-type]
+                    _detach(self.token)
                 self.token = None
         instruments = self.instruments
         if instruments is not None:
-            instruments.context_active.add(-1)
             if error is None:
                 instruments.context_duration.record(duration)
             else:
                 instruments.context_duration.record(duration, {"error.type": error_type(error)})
         if self.info:
-            fields: dict[str, Any] = {
-                "outcome": "error" if error is not None else "ok",
-                "duration_ms": round(duration * 1000, 3),
-                "middleware": [self.middleware[k] for k in sorted(self.middleware)],
-                "resources": self.resources,
-                "service_calls": self.service_calls,
-                "teardown_errors": self.teardown_errors,
+            self._canonical_line(error, suppressed, duration)
+
+    def _canonical_line(
+        self, error: BaseException | None, suppressed: BaseException | None, duration: float
+    ) -> None:
+        """The one INFO event that summarises the context (the "canonical log line")."""
+        fields = self._ids() if self.log is None else {}
+        fields["outcome"] = "error" if error is not None else "ok"
+        fields["duration_ms"] = round(duration * 1000, 3)
+        middleware = self.middleware
+        fields["middleware"] = [middleware[k] for k in sorted(middleware)]
+        fields["resources"] = self.resources
+        fields["service_calls"] = self.service_calls
+        fields["teardown_errors"] = self.teardown_errors
+        if error is not None:
+            fields["error_type"] = error_type(error)
+        if suppressed is not None:
+            fields["suppressed_error_type"] = error_type(suppressed)
+        if self.telemetry.meta_attributes:
+            fields["meta"] = {
+                k.removeprefix("polydatum.meta."): v
+                for k, v in redact_meta(self.ctx.meta, self.telemetry.meta_attributes).items()
             }
-            if error is not None:
-                fields["error_type"] = error_type(error)
-            if suppressed is not None:
-                fields["suppressed_error_type"] = error_type(suppressed)
-            if self.telemetry.meta_attributes:
-                fields["meta"] = {
-                    k.removeprefix("polydatum.meta."): v
-                    for k, v in redact_meta(self.ctx.meta, self.telemetry.meta_attributes).items()
-                }
-            self._log().info("polydatum.context", **fields)
+        try:  # no bound logger needed for one line: the ids go in as fields
+            logger = self.log._log if self.log is not None else _base_logger()
+            if logger is not None:
+                logger.info("polydatum.context", **fields)
+        except Exception as failure:
+            _report_loss("a structlog log call", failure)
 
     # -- lifecycle steps ------------------------------------------------------------
 
@@ -745,28 +932,16 @@ class ContextTelemetry:
         attributes: Mapping[str, Any] | None = None,
     ) -> _Step:
         """Start recording a middleware or resource phase; returns the scope to enter."""
-        step = _Step(kind, phase, name, position)
-        if self.tracer is not None:
-            if kind == "middleware":
-                attrs: dict[str, Any] = {
-                    "polydatum.middleware.name": name,
-                    "polydatum.middleware.position": position,
-                }
-            else:
-                attrs = {"polydatum.resource.name": name}
-                if attributes:
-                    attrs.update(attributes)
-            # Setup spans nest under whatever is current (a lazy resource under the
-            # service call that needed it); teardown spans under the context span.
-            parent = self.parent_ctx if phase == "teardown" else None
-            step.span = _start_span(
-                self.tracer,
-                f"polydatum.{kind}.{phase} {name}",
-                context=parent,
-                kind=SpanKind.INTERNAL,
-                attributes=attrs,
-            )
-        return step
+        plan = self.telemetry.plan(
+            kind, phase, name, position if kind == "middleware" else 0, attributes
+        )
+        if self.tracer is None:
+            return _Step(plan, None, None)
+        # Middleware phases and teardowns nest under the context span; a lazy
+        # resource's setup under whatever is current (the service call that needed it).
+        parent = None if kind == "resource" and phase == "setup" else self.parent_ctx
+        span = _start_span(self.tracer, plan.span_name, parent, plan.span_attrs)
+        return _Step(plan, span, None if span is None else _in_context(span, parent))
 
     def step_finished(
         self,
@@ -777,42 +952,47 @@ class ContextTelemetry:
     ) -> None:
         """Finish a phase: ``error`` is what the step raised, ``seen`` what was thrown in."""
         duration = time.perf_counter() - step.t0
+        plan = step.plan
         # A step fails when it *originated* an exception; one that only let the
         # context's exception through is marked "propagated", not ERROR.
         failed = error is not None and outcome is not Outcome.PROPAGATED
         span = step.span
         if span is not None:
-            if step.phase == "teardown":
+            if plan.phase == "teardown":
                 # A second yield at teardown is a failure of the step, not "ok".
                 label = "raised" if failed else _PHASE_OUTCOMES[outcome]
-                span.set_attribute("polydatum.outcome", label)
+                if label != "ok":
+                    span.set_attribute("polydatum.outcome", label)
                 if seen is not None:
                     span.set_attribute("polydatum.exception.seen", error_type(seen))
             if failed:
                 _fail(span, error)  # type: ignore[arg-type]
             _end_span(span)
-        kind = step.kind
-        if self.instruments is not None:
-            attrs = {f"polydatum.{kind}.name": step.name, "polydatum.phase": step.phase}
+        kind = plan.kind
+        instruments = self.instruments
+        if instruments is not None:
+            attrs = plan.metric_attrs
             if failed:
-                attrs["error.type"] = error_type(error)  # type: ignore[arg-type]
+                attrs = {**attrs, "error.type": error_type(error)}  # type: ignore[arg-type]
             histogram = (
-                self.instruments.middleware_duration
+                instruments.middleware_duration
                 if kind == "middleware"
-                else self.instruments.resource_duration
+                else instruments.resource_duration
             )
             histogram.record(duration, attrs)
         if not self.info:
             return  # the rest feeds the log lines only
         if kind == "middleware":
-            entry = self.middleware.setdefault(step.position, {"name": step.name})
-            entry[f"{step.phase}_ms"] = round(duration * 1000, 3)
-        elif step.phase == "setup" and not failed:
-            self.resources.append(step.name)
+            entry = self.middleware.get(plan.position)
+            if entry is None:
+                entry = self.middleware[plan.position] = {"name": plan.name}
+            entry[f"{plan.phase}_ms"] = round(duration * 1000, 3)
+        elif plan.phase == "setup" and not failed:
+            self.resources.append(plan.name)
         if self.debug:
             self._log().debug(
-                f"polydatum.{kind}.{step.phase}",
-                name=step.name,
+                f"polydatum.{kind}.{plan.phase}",
+                name=plan.name,
                 duration_ms=round(duration * 1000, 3),
                 outcome=_PHASE_OUTCOMES[outcome],
                 **({"error_type": error_type(error)} if failed else {}),  # type: ignore[arg-type]
@@ -838,15 +1018,17 @@ class ContextTelemetry:
     def call_started(self, path: str, function: str) -> _Step:
         """Start a service call span and make it current (nested calls nest)."""
         self.service_calls += 1
-        step = _Step("service", "call", path, 0)
-        if self.tracer is not None:
-            step.span = _start_span(
-                self.tracer,
-                path,
-                kind=SpanKind.INTERNAL,
-                attributes={"polydatum.service.path": path, "code.function.name": function},
-            )
-            step.enter()
+        telemetry = self.telemetry
+        plan = telemetry._plans.get(("service", function, path, 0))
+        if plan is None:
+            plan = telemetry.call_plan(path, function)
+        if self.tracer is None:
+            return _Step(plan, None, None)
+        span = _start_span(self.tracer, path, None, plan.span_attrs)
+        step = _Step(plan, span, None)
+        if span is not None:
+            # Runs in the caller's context (a service call is no generator): reset at the end.
+            step.token = _attach(_in_context(span))
         return step
 
     def call_finished(self, step: _Step, error: BaseException | None) -> None:
@@ -854,20 +1036,22 @@ class ContextTelemetry:
         duration = time.perf_counter() - step.t0
         span = step.span
         if span is not None:
-            step.leave()
+            if step.token is not None:
+                _detach(step.token)
+                step.token = None
             if error is not None:
                 _fail(span, error)
             _end_span(span)
+        path = step.plan.name
         if self.instruments is not None:
-            if error is None:
-                attrs = {"polydatum.service.path": step.name}
-            else:
-                attrs = {"polydatum.service.path": step.name, "error.type": error_type(error)}
+            attrs = step.plan.metric_attrs
+            if error is not None:
+                attrs = {**attrs, "error.type": error_type(error)}
             self.instruments.service_duration.record(duration, attrs)
         if self.debug:
             self._log().debug(
                 "polydatum.service.call",
-                path=step.name,
+                path=path,
                 duration_ms=round(duration * 1000, 3),
                 **({"error_type": error_type(error)} if error is not None else {}),
             )

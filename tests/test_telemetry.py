@@ -288,6 +288,26 @@ def test_metrics_of_a_context(polydatum_telemetry: TelemetryCapture) -> None:
                 assert "error.type" not in p.attributes
 
 
+def test_context_active_counts_open_contexts_of_every_data_manager_on_the_provider(
+    polydatum_telemetry: TelemetryCapture,
+) -> None:
+    first, second = build(polydatum_telemetry), build(polydatum_telemetry)
+    other = DataManager()  # records nowhere: never counted
+
+    def active() -> list[tuple[dict[str, Any], float]]:
+        return [
+            (p.attributes, p.value) for p in polydatum_telemetry.metrics("polydatum.context.active")
+        ]
+
+    assert active() == []  # instruments are created with the first context
+    with first.context(), other.context():
+        assert active() == [({}, 1)]
+        with second.context(), first.context():
+            assert active() == [({}, 3)]
+        assert active() == [({}, 1)]
+    assert active() == [({}, 0)]
+
+
 def test_log_events_and_canonical_line(polydatum_telemetry: TelemetryCapture) -> None:
     dm = build(polydatum_telemetry, meta_attributes=["user", "api_key"])
     with dm.context({"user": "bob", "api_key": "s3cr3t", "email": "bob@example.com"}) as ctx:
