@@ -179,12 +179,10 @@ class DataAccessContext:
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") or name.startswith("_abc"):
             raise AttributeError(name)
-        if (
-            self._telemetry is None
-            and self._state in RESOURCE_CREATE_STATES
-            and name not in self._resources
-        ):
-            return self._create_idle(name)
+        if self._state in RESOURCE_CREATE_STATES and name not in self._resources:
+            if self._telemetry is None:
+                return self._create_idle(name)
+            return self._create_slow(name)
         return self.resource(name)
 
     def resource(self, name: str) -> Any:
@@ -252,6 +250,10 @@ class DataAccessContext:
             outcome, value = rec.cv.run(step, rec.gen, None, scope)
         finally:
             self._creating.discard(name)
+        if outcome is Outcome.YIELDED and self._telemetry is not None:  # the usual case
+            self._keep_resource(name, rec, value)
+            self._telemetry.step_finished(scope, outcome, None, None)
+            return value
         return self._finish_resource(rec, scope, outcome, value)
 
     def _keep_resource(self, name: str, rec: GeneratorRecord, value: Any) -> None:
@@ -274,10 +276,16 @@ class DataAccessContext:
             if self._telemetry is None:
                 self._setup_idle(middleware_chain)
             else:
+                telemetry = self._telemetry
+                stack = self._middleware_stack
                 for position, middleware in enumerate(middleware_chain):
                     rec, scope = self._start_middleware(position, middleware)
                     outcome, value = rec.cv.run(step, rec.gen, None, scope)
-                    self._finish_middleware_setup(rec, scope, outcome, value)
+                    if outcome is Outcome.YIELDED:  # set up: the usual case
+                        stack.append(rec)
+                        telemetry.step_finished(scope, outcome, None, None)
+                    else:
+                        self._finish_middleware_setup(rec, scope, outcome, value)
         except BaseException as error:
             self._state = transition(self._state, "setup_failed")
             final = self._teardown(error, setup_failed=True)
@@ -326,12 +334,16 @@ class DataAccessContext:
     ) -> BaseException | None:
         if self._telemetry is None:
             return self._teardown_idle(exc, setup_failed)
+        telemetry = self._telemetry
         current = exc
         stack = self._middleware_stack
         while stack:
             rec = stack.pop()
-            scope = None if self._telemetry is None else self._start_teardown(rec)
+            scope = self._start_teardown(rec)
             outcome, value = rec.cv.run(step, rec.gen, current, scope)
+            if outcome is Outcome.RETURNED:  # the usual case: finished, nothing in flight
+                telemetry.step_finished(scope, outcome, None, current)
+                continue
             if outcome is Outcome.YIELDED:
                 close_quietly(rec)
             current = self._finish_middleware_teardown(rec, scope, current, outcome, value)
@@ -339,8 +351,11 @@ class DataAccessContext:
         stack = self._resource_stack
         while stack:
             rec = stack.pop()
-            scope = None if self._telemetry is None else self._start_teardown(rec)
+            scope = self._start_teardown(rec)
             outcome, value = rec.cv.run(step, rec.gen, current, scope)
+            if outcome is Outcome.RETURNED:
+                telemetry.step_finished(scope, outcome, None, current)
+                continue
             if outcome is Outcome.YIELDED:
                 close_quietly(rec)
             self._finish_resource_teardown(rec, scope, current, outcome, value)
@@ -466,10 +481,7 @@ class DataAccessContext:
         _OPEN.add(self)
         if not _exit_report_registered:
             _register_exit_report()
-        telemetry = self.data_manager._telemetry.start(self)
-        self._telemetry = telemetry
-        if telemetry is not None:
-            telemetry.begin()
+        self._telemetry = self.data_manager._telemetry.start(self)  # opens the context span
         if self._has_hooks:
             self._setup_hook()
 
@@ -631,7 +643,7 @@ class DataAccessContext:
                 telemetry.step_finished(scope, Outcome.RAISED, problem, None)  # type: ignore[arg-type]
             raise problem
         self._creating.add(name)
-        return GeneratorRecord("resource", name, position, gen, is_async), scope
+        return GeneratorRecord("resource", name, position, gen, is_async, factory), scope
 
     def _finish_resource(
         self, rec: GeneratorRecord, scope: Any, outcome: Outcome, value: Any
@@ -653,11 +665,11 @@ class DataAccessContext:
         telemetry = self._telemetry
         if telemetry is None:
             return None
-        attributes = None
-        if rec.kind == "resource":
-            factory = self.data_manager.get_resource(rec.name)
-            attributes = getattr(factory, "telemetry_attributes", None)
-        return telemetry.step_started(rec.kind, "teardown", rec.name, rec.position, attributes)
+        name = rec._name or rec.name  # set on this path; the property derives it otherwise
+        if rec.kind == "resource":  # its source is the factory it was created with
+            attributes = getattr(rec.source, "telemetry_attributes", None)
+            return telemetry.step_started("resource", "teardown", name, 0, attributes)
+        return telemetry.step_started("middleware", "teardown", name, rec.position)
 
     def _finish_middleware_teardown(
         self,

@@ -314,11 +314,21 @@ class _DalPath(DalCommand):
         dal: DataAccessLayer = self._handler.__self__  # type: ignore[attr-defined]
         target = self._target
         if target is not None and self._generation == dal._generation:
-            # Resolved before for this registration, no method middleware: when nothing
-            # records, call the method directly (the idle hot path).
+            # Resolved before for this registration, no method middleware: call the
+            # method directly, in a service call span when the context records.
             ctx = _active.get()
-            if ctx is not None and ctx._telemetry is None:
-                return getattr(target.service, target.method)(*args, **kwargs)
+            if ctx is not None:
+                telemetry = ctx._telemetry
+                if telemetry is None:
+                    return getattr(target.service, target.method)(*args, **kwargs)
+                step = telemetry.call_started(target.path, target.function)
+                try:
+                    result = getattr(target.service, target.method)(*args, **kwargs)
+                except BaseException as error:
+                    telemetry.call_finished(step, error)
+                    raise
+                telemetry.call_finished(step, None)
+                return result
         return dal._call_names(self._names or self.names, args, kwargs, command=self)
 
 

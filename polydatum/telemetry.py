@@ -29,6 +29,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterable, Mapping, MutableMapping, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -299,23 +300,7 @@ def _logger(**bound: Any) -> _SafeLog:
         return _SafeLog(None)
 
 
-def _start_span(
-    tracer: Any, name: str, parent: Any, attributes: Mapping[str, Any] | None
-) -> Span | None:
-    """``tracer.start_span`` (kind INTERNAL), or ``None`` (the loss reported) if the SDK raises.
-
-    ``parent`` is an OpenTelemetry ``Context`` or ``None`` for "the current one".
-    """
-    try:
-        span: Span = tracer.start_span(name, parent, _INTERNAL, attributes)
-    except Exception as error:
-        _report_loss("starting a span (a span processor's on_start?)", error)
-        return None
-    return span
-
-
 _INTERNAL = SpanKind.INTERNAL
-_in_context = trace.set_span_in_context
 
 
 def _current_context_var() -> Any:
@@ -337,6 +322,35 @@ _otel_var = _current_context_var()
 _attach: Any = _otel_var.set if _otel_var is not None else otel_context.attach
 #: Undo :data:`_attach` (strictly LIFO).
 _detach: Any = _otel_var.reset if _otel_var is not None else otel_context.detach
+
+
+def _span_context_builder() -> Any:
+    """``trace.set_span_in_context``, built without its two calls of indirection.
+
+    The OpenTelemetry context is an immutable mapping holding the current span
+    under a key private to ``opentelemetry.trace``; a new context is a copy with
+    that key replaced. If the key cannot be found, or the shortcut does not give
+    what the API gives, the API function is used.
+    """
+    from opentelemetry.context.context import Context
+
+    key = getattr(getattr(trace, "propagation", None), "_SPAN_KEY", None)
+    get_current = _otel_var.get if _otel_var is not None else otel_context.get_current
+    if not isinstance(key, str):
+        return trace.set_span_in_context
+
+    def in_context(span: Any, parent: Any = None) -> Any:
+        base = get_current() if parent is None else parent
+        return Context({**base, key: span})
+
+    probe = trace.NonRecordingSpan(trace.INVALID_SPAN_CONTEXT)
+    if trace.get_current_span(in_context(probe, Context())) is not probe:
+        return trace.set_span_in_context
+    return in_context
+
+
+#: ``trace.set_span_in_context(span, parent)``.
+_in_context: Any = _span_context_builder()
 
 
 def _end_span(span: Span) -> None:
@@ -715,8 +729,11 @@ class Telemetry:
         """Begin recording one context, or ``None`` when nothing would record."""
         if not _ENABLED:
             return None
-        if (
-            self.tracer_provider is None
+        provider: Any = self.tracer_provider
+        if provider is not None and provider is self._tracer_for:
+            tracer = self._tracer  # an explicit provider, its tracer made before
+        elif (
+            provider is None
             and self.meter_provider is None
             and _DEFAULT_TRACER_PROVIDER is None
             and _DEFAULT_METER_PROVIDER is None
@@ -725,8 +742,13 @@ class Telemetry:
             and not _level_enabled(logging.INFO)
         ):
             return None  # the idle path: no provider anywhere, INFO filtered out
-        tracer = self.tracer()
-        instruments = self.instruments()
+        else:
+            tracer = self.tracer()
+        provider = self.meter_provider
+        if provider is not None and provider is self._instruments_for:
+            instruments = self._instruments
+        else:
+            instruments = self.instruments()
         info = _level_enabled(logging.INFO)
         if tracer is None and instruments is None and not info:
             return None
@@ -744,27 +766,28 @@ class Telemetry:
         )
 
 
+def _nothing() -> None:
+    """The ``enter`` of a step without a span."""
+
+
 class _Step:
-    """One lifecycle step being recorded: its plan, span (if tracing) and start time."""
+    """One lifecycle step being recorded: its plan, span (if tracing) and start time.
 
-    __slots__ = ("otel_ctx", "plan", "span", "t0", "token")
+    ``enter()`` makes the step's span current; the lifecycle calls it inside the
+    generator's own ``contextvars.Context``. That context belongs to the generator
+    and runs nothing between its steps, so the value is simply overwritten by the
+    next step: nothing leaks into the caller and there is no token to reset. It is
+    a ``functools.partial`` of the context variable's ``set`` (no Python frame).
+    """
 
-    def __init__(self, plan: _Plan, span: Span | None, otel_ctx: Any) -> None:
+    __slots__ = ("enter", "plan", "span", "t0", "token")
+
+    def __init__(self, plan: _Plan, span: Span | None, otel_ctx: Any, t0: float) -> None:
         self.plan = plan
         self.span = span
-        self.otel_ctx = otel_ctx  # the context the span is current in (None: no span)
+        self.enter: Any = _nothing if otel_ctx is None else partial(_attach, otel_ctx)
         self.token: Any = None
-        self.t0 = time.perf_counter()
-
-    def enter(self) -> None:
-        """Make the step's span current; called inside the generator's own context.
-
-        That ``contextvars.Context`` belongs to the generator and runs nothing
-        between its steps, so the value is simply overwritten by the next step:
-        nothing leaks into the caller, and there is no token to reset.
-        """
-        if self.otel_ctx is not None:
-            _attach(self.otel_ctx)
+        self.t0 = t0
 
 
 _PHASE_OUTCOMES = {
@@ -783,9 +806,14 @@ def _fail(span: Span, error: BaseException) -> None:
 
 
 class ContextTelemetry:
-    """The telemetry of one context: its span, step records and the canonical log line."""
+    """The telemetry of one context: its span, step records and the canonical log line.
+
+    Made by :meth:`Telemetry.start` when the context is entered; the context span
+    starts (and becomes current) right away.
+    """
 
     __slots__ = (
+        "clock",
         "ctx",
         "debug",
         "info",
@@ -825,23 +853,26 @@ class ContextTelemetry:
         self.service_calls = 0
         self.teardown_errors: list[dict[str, str]] = []
         self.log: Any = None
+        # Step durations feed metrics and log lines only: spans time themselves.
+        self.clock: Any = time.perf_counter if instruments is not None or info else float
         self.t0 = time.perf_counter()
-
-    # -- context ---------------------------------------------------------------
-
-    def begin(self) -> None:
-        """Open the context span (child of the current span) and make it current."""
-        if self.tracer is not None:
-            attrs: dict[str, Any] = {"polydatum.context.id": self.ctx.id}
-            if self.telemetry.meta_attributes:
-                attrs.update(redact_meta(self.ctx.meta, self.telemetry.meta_attributes))
-            span = _start_span(self.tracer, "polydatum.context", None, attrs)
-            if span is not None:
+        # Begin: open the context span (a child of the current span), make it current.
+        if tracer is not None:
+            attrs: dict[str, Any] = {"polydatum.context.id": ctx.id}
+            if telemetry.meta_attributes:
+                attrs.update(redact_meta(ctx.meta, telemetry.meta_attributes))
+            try:
+                span = tracer.start_span("polydatum.context", None, _INTERNAL, attrs)
+            except Exception as error:
+                _report_loss("starting a span (a span processor's on_start?)", error)
+            else:
                 self.span = span
                 self.parent_ctx = _in_context(span)
                 self.token = _attach(self.parent_ctx)
         if self.debug:
             self._log().debug("polydatum.context.enter")
+
+    # -- context ---------------------------------------------------------------
 
     def abandon(self) -> None:
         """End the context span of a context still open at interpreter exit (ERROR)."""
@@ -879,7 +910,10 @@ class ContextTelemetry:
                 _fail(span, error)
             elif suppressed is not None:
                 span.set_attribute("polydatum.suppressed_error.type", error_type(suppressed))
-            _end_span(span)
+            try:
+                span.end()
+            except Exception as failure:
+                _report_loss("ending a span (a span processor's on_end?)", failure)
             if self.token is not None:
                 with contextlib.suppress(Exception):  # entered in another thread/task
                     _detach(self.token)
@@ -932,16 +966,23 @@ class ContextTelemetry:
         attributes: Mapping[str, Any] | None = None,
     ) -> _Step:
         """Start recording a middleware or resource phase; returns the scope to enter."""
-        plan = self.telemetry.plan(
-            kind, phase, name, position if kind == "middleware" else 0, attributes
-        )
-        if self.tracer is None:
-            return _Step(plan, None, None)
+        if kind != "middleware":
+            position = 0  # a resource's position is not part of its telemetry
+        plan = self.telemetry._plans.get((kind, phase, name, position))
+        if plan is None or plan.source is not attributes:
+            plan = self.telemetry.plan(kind, phase, name, position, attributes)
+        tracer = self.tracer
+        if tracer is None:
+            return _Step(plan, None, None, self.clock())
         # Middleware phases and teardowns nest under the context span; a lazy
         # resource's setup under whatever is current (the service call that needed it).
         parent = None if kind == "resource" and phase == "setup" else self.parent_ctx
-        span = _start_span(self.tracer, plan.span_name, parent, plan.span_attrs)
-        return _Step(plan, span, None if span is None else _in_context(span, parent))
+        try:
+            span = tracer.start_span(plan.span_name, parent, _INTERNAL, plan.span_attrs)
+        except Exception as error:
+            _report_loss("starting a span (a span processor's on_start?)", error)
+            return _Step(plan, None, None, self.clock())
+        return _Step(plan, span, _in_context(span, parent), self.clock())
 
     def step_finished(
         self,
@@ -951,7 +992,7 @@ class ContextTelemetry:
         seen: BaseException | None,
     ) -> None:
         """Finish a phase: ``error`` is what the step raised, ``seen`` what was thrown in."""
-        duration = time.perf_counter() - step.t0
+        duration = self.clock() - step.t0
         plan = step.plan
         # A step fails when it *originated* an exception; one that only let the
         # context's exception through is marked "propagated", not ERROR.
@@ -967,7 +1008,10 @@ class ContextTelemetry:
                     span.set_attribute("polydatum.exception.seen", error_type(seen))
             if failed:
                 _fail(span, error)  # type: ignore[arg-type]
-            _end_span(span)
+            try:
+                span.end()
+            except Exception as failure:
+                _report_loss("ending a span (a span processor's on_end?)", failure)
         kind = plan.kind
         instruments = self.instruments
         if instruments is not None:
@@ -1022,18 +1066,22 @@ class ContextTelemetry:
         plan = telemetry._plans.get(("service", function, path, 0))
         if plan is None:
             plan = telemetry.call_plan(path, function)
-        if self.tracer is None:
-            return _Step(plan, None, None)
-        span = _start_span(self.tracer, path, None, plan.span_attrs)
-        step = _Step(plan, span, None)
-        if span is not None:
-            # Runs in the caller's context (a service call is no generator): reset at the end.
-            step.token = _attach(_in_context(span))
+        tracer = self.tracer
+        if tracer is None:
+            return _Step(plan, None, None, self.clock())
+        try:
+            span = tracer.start_span(path, None, _INTERNAL, plan.span_attrs)
+        except Exception as error:
+            _report_loss("starting a span (a span processor's on_start?)", error)
+            return _Step(plan, None, None, self.clock())
+        step = _Step(plan, span, None, self.clock())
+        # Runs in the caller's context (a service call is no generator): reset at the end.
+        step.token = _attach(_in_context(span))
         return step
 
     def call_finished(self, step: _Step, error: BaseException | None) -> None:
         """End a service call span; record its duration."""
-        duration = time.perf_counter() - step.t0
+        duration = self.clock() - step.t0
         span = step.span
         if span is not None:
             if step.token is not None:
@@ -1041,7 +1089,10 @@ class ContextTelemetry:
                 step.token = None
             if error is not None:
                 _fail(span, error)
-            _end_span(span)
+            try:
+                span.end()
+            except Exception as failure:
+                _report_loss("ending a span (a span processor's on_end?)", failure)
         path = step.plan.name
         if self.instruments is not None:
             attrs = step.plan.metric_attrs
