@@ -322,7 +322,8 @@ class DataAccessContext:
         self._state = transition(self._state, "exit")
         if exc_type is not None and exc is None:
             exc = exc_type()
-        final = self._teardown(exc)
+        idle = self._telemetry is None
+        final = self._teardown_idle(exc, False) if idle else self._teardown(exc)
         if final is None:
             return exc is not None  # suppressed by middleware: the block completes
         if final is exc:

@@ -177,6 +177,10 @@ def redact_meta(meta: Meta | Mapping[str, Any], allow: Iterable[str]) -> dict[st
 
 
 _LEVEL_CACHE: dict[tuple[Any, int], bool] = {}
+#: structlog's configuration object (mutated in place by ``structlog.configure``).
+_STRUCTLOG_CONFIG: Any = getattr(structlog._config, "_CONFIG", None)
+if not hasattr(_STRUCTLOG_CONFIG, "is_configured"):  # structlog's internals moved
+    _STRUCTLOG_CONFIG = None
 
 
 def _level_enabled(level: int) -> bool:
@@ -186,9 +190,9 @@ def _level_enabled(level: int) -> bool:
     Checked once per context; the answer for a filtering wrapper class is cached
     (structlog's own filtering loggers fix their level in the class).
     """
-    if not structlog.is_configured():
+    config = _STRUCTLOG_CONFIG
+    if not (config.is_configured if config is not None else structlog.is_configured()):
         return level >= logging.WARNING
-    config = getattr(structlog._config, "_CONFIG", None)
     wrapper = getattr(config, "default_wrapper_class", None)
     if wrapper is None:
         wrapper = structlog.get_config()["wrapper_class"]
@@ -274,7 +278,7 @@ def _base_logger() -> Any:
     and ``reset_defaults`` replace the objects the key is made of, so a new
     configuration (or ``structlog.testing.capture_logs``) is picked up at once.
     """
-    config = getattr(structlog._config, "_CONFIG", None)
+    config = _STRUCTLOG_CONFIG
     if config is None:  # structlog's internals moved: assemble every time
         return structlog.get_logger(LOGGER_NAME).bind()
     global _BASE_LOGGER
