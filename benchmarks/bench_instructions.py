@@ -1,0 +1,201 @@
+"""Instructions per request, counted by valgrind: bench_core.py's comparisons without noise.
+
+Wall-clock ratios on a shared two-core machine move by 10-20 % from one run to the
+next. ``valgrind --tool=callgrind`` counts the instructions a process executes,
+which does not depend on what else the machine is doing, so it tells small changes
+apart that timing cannot. It is a proxy: it ignores cache misses and the cost of a
+syscall, so it complements ``bench_core.py`` (the verdict) rather than replacing it.
+
+Method: each contender runs in its own process under callgrind twice, with ``n``
+and ``3n`` requests after the same warm-up; the difference divided by ``2n`` is the
+cost of one request, with start-up and import cost cancelled out. Spans go through
+a ``SimpleSpanProcessor`` into an exporter that drops them (the batch processor's
+thread wakes on timers, which makes counts vary between runs); the per-span work is
+the same for every contender either way.
+
+    .venv/bin/python benchmarks/bench_instructions.py            # ~4 min on 2 cores
+    .venv/bin/python benchmarks/bench_instructions.py --json
+    .venv/bin/python benchmarks/bench_instructions.py --requests 50 --no-legacy   # quick
+
+Counts still vary by about 1 % between runs (address-dependent hashing); read the
+ratios to two digits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+WARMUP = 200
+
+#: (condition, subject, reference, target): the comparisons bench_core.py makes.
+COMPARISONS: tuple[tuple[str, str, str, float], ...] = (
+    ("idle", "polydatum A", "polydatum 0.9.1 A", 0.6),
+    ("idle", "polydatum B", "polydatum 0.9.1 B", 0.6),
+    ("tracing", "polydatum A", "hand-written A (6 spans)", 1.0),
+    ("everything", "polydatum A", "hand-written A (6 spans + 1 INFO line)", 1.3),
+)
+
+#: The child program for polydatum 0.9.1 (run with ``python -I`` in its virtualenv).
+LEGACY_CHILD = """
+import sys
+sys.path.insert(0, {bench!r})
+import _workloads
+from polydatum import DataManager, Service
+shape, n = sys.argv[1], int(sys.argv[2])
+run = _workloads.request(shape, _workloads.build(shape, DataManager, Service))
+for _ in range(n):
+    run()
+"""
+
+
+def child(condition: str, contender: str, requests: int) -> None:
+    """Run ``requests`` requests of one contender (after the warm-up); the measured process."""
+    sys.path.insert(0, str(HERE))
+    import bench_core
+    import structlog
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(bench_core.DropExporter()))
+    options: dict[str, Any] = {}
+    logger = None
+    if condition == "idle":
+        bench_core.structlog_quiet()
+    elif condition == "tracing":
+        bench_core.structlog_quiet()
+        options["tracer_provider"] = provider
+    else:
+        bench_core.structlog_json_info()
+        logger = structlog.get_logger("app")
+        options["tracer_provider"] = provider
+        options["meter_provider"] = MeterProvider(metric_readers=[InMemoryMetricReader()])
+    run: Callable[[], Any]
+    if contender.startswith("hand-written"):
+        run = bench_core.handwritten_a(provider.get_tracer("bench"), logger)
+    else:
+        _, run = bench_core.polydatum_request(contender.split()[-1], **options)
+    for _ in range(requests):
+        run()
+
+
+def count(command: Sequence[str]) -> int:
+    """Instructions executed by ``command`` under callgrind."""
+    done = subprocess.run(
+        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *command],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONHASHSEED": "0"},
+        check=False,
+    )
+    found = re.search(r"Collected : (\d+)", done.stderr)
+    if done.returncode != 0 or found is None:
+        raise SystemExit(f"callgrind run failed ({' '.join(command)}):\n{done.stderr[-2000:]}")
+    return int(found.group(1))
+
+
+def command_for(
+    condition: str, contender: str, requests: int, legacy_python: str | None
+) -> list[str]:
+    if contender.startswith("polydatum 0.9.1"):
+        assert legacy_python is not None
+        code = LEGACY_CHILD.format(bench=str(HERE))
+        return [legacy_python, "-I", "-c", code, contender.split()[-1], str(requests)]
+    return [
+        sys.executable, str(Path(__file__).resolve()), "--child",
+        condition, contender, str(requests),
+    ]  # fmt: skip
+
+
+def per_request(condition: str, contender: str, requests: int, legacy_python: str | None) -> float:
+    """Instructions of one request: (count(3n) - count(n)) / 2n, warm-up cancelled out."""
+    few = count(command_for(condition, contender, WARMUP + requests, legacy_python))
+    many = count(command_for(condition, contender, WARMUP + 3 * requests, legacy_python))
+    return (many - few) / (2 * requests)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=200, help="n (default 200)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--no-legacy", action="store_true", help="skip polydatum 0.9.1")
+    parser.add_argument("--legacy-python", help="an interpreter with polydatum 0.9.1")
+    parser.add_argument("--child", nargs=3, metavar=("CONDITION", "CONTENDER", "N"),
+                        help=argparse.SUPPRESS)  # fmt: skip
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
+    args = parse_args(argv)
+    if args.child:
+        condition, contender, n = args.child
+        child(condition, contender, int(n))
+        return None
+    if shutil.which("valgrind") is None:
+        raise SystemExit("valgrind is not installed: apt-get install valgrind")
+    legacy_python = None
+    if not args.no_legacy:
+        sys.path.insert(0, str(HERE))
+        import bench_core
+
+        legacy_python = args.legacy_python or str(
+            bench_core.ensure_legacy_venv(ROOT / ".bench-venv-091")
+        )
+    comparisons = [c for c in COMPARISONS if legacy_python or "0.9.1" not in c[2]]
+    jobs = sorted({(c[0], who) for c in comparisons for who in (c[1], c[2])})
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        counts = dict(
+            zip(
+                jobs,
+                pool.map(lambda j: per_request(j[0], j[1], args.requests, legacy_python), jobs),
+                strict=True,
+            )
+        )
+    report = {
+        "requests": args.requests,
+        "python": sys.version.split()[0],
+        "instructions_per_request": {f"{c} / {who}": round(v) for (c, who), v in counts.items()},
+        "comparisons": [
+            {
+                "condition": condition,
+                "subject": subject,
+                "reference": reference,
+                "ratio": round(counts[condition, subject] / counts[condition, reference], 3),
+                "target": target,
+                "met": counts[condition, subject] / counts[condition, reference] <= target,
+            }
+            for condition, subject, reference, target in comparisons
+        ],
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"instructions per request (valgrind callgrind, n={args.requests})\n")
+        for name, value in report["instructions_per_request"].items():
+            print(f"  {name:<55} {value:>12,}")
+        print()
+        for c in report["comparisons"]:
+            verdict = "met" if c["met"] else "MISSED"
+            print(
+                f"  {c['condition']:<11} {c['subject']} / {c['reference']:<40} "
+                f"{c['ratio']:>6.3f}  <= {c['target']}  {verdict}"
+            )
+    return report
+
+
+if __name__ == "__main__":
+    main()
