@@ -35,6 +35,7 @@ from polydatum.errors import (
     UnknownResourceError,
 )
 from polydatum.lifecycle import (
+    FINISHED,
     RESOURCE_CREATE_STATES,
     RESOURCE_USE_STATES,
     GeneratorRecord,
@@ -232,10 +233,9 @@ class DataAccessContext:
                 self._creating.discard(name)
                 return self._create_slow(name, gen)
             rec = GeneratorRecord("resource", name, len(self._resource_stack), gen, False)
-            try:
-                value = rec.cv.run(gen.send, None)
-            except StopIteration:
-                raise ResourceSetupException(f"Resource {name} did not yield on setup.") from None
+            value = rec.cv.run(next, gen, FINISHED)
+            if value is FINISHED:
+                raise ResourceSetupException(f"Resource {name} did not yield on setup.")
         finally:
             self._creating.discard(name)
         self._keep_resource(name, rec, value)
@@ -305,12 +305,8 @@ class DataAccessContext:
             if type(gen) is not GeneratorType:
                 rec, _ = self._start_middleware(position, middleware, gen)  # raises
             rec = GeneratorRecord("middleware", None, position, gen, False, middleware)
-            try:
-                rec.cv.run(gen.send, None)
-            except StopIteration:
-                raise MiddlewareSetupException(
-                    f"Middleware {rec.name} did not yield on setup."
-                ) from None
+            if rec.cv.run(next, gen, FINISHED) is FINISHED:
+                raise MiddlewareSetupException(f"Middleware {rec.name} did not yield on setup.")
             stack.append(rec)
 
     def __exit__(
@@ -372,7 +368,8 @@ class DataAccessContext:
             gen = rec.gen
             try:
                 if current is None:
-                    rec.cv.run(gen.send, None)
+                    if rec.cv.run(next, gen, FINISHED) is FINISHED:
+                        continue  # torn down cleanly (no StopIteration raised)
                 else:
                     rec.cv.run(gen.throw, current)
             except StopIteration:
@@ -391,7 +388,8 @@ class DataAccessContext:
             gen = rec.gen
             try:
                 if current is None:
-                    rec.cv.run(gen.send, None)
+                    if rec.cv.run(next, gen, FINISHED) is FINISHED:
+                        continue
                 else:
                     rec.cv.run(gen.throw, current)
             except StopIteration:

@@ -282,32 +282,31 @@ _COMMAND_CACHE_SIZE = 1000
 class _DalPath(DalCommand):
     """A command built by the DAL itself: calls go straight to the DAL with plain names.
 
-    Child commands are cached (``dal.users.get`` is the same object every time) and
-    always carry plain names, so calling one costs no allocation besides the call.
+    Child commands are cached in the instance ``__dict__`` (``dal.users.get`` is the
+    same object every time, and after the first time Python finds it without calling
+    ``__getattr__``) and always carry plain names, so calling one costs no
+    allocation besides the call. Only names that are no attribute of the class get
+    there: ``__getattr__`` runs for those alone.
     """
 
-    __slots__ = ("_children", "_generation", "_target")
-    _children: dict[str, DalCommand]
+    __slots__ = ("__dict__", "_generation", "_target")
     _generation: int
     _target: Resolved | None
 
     @classmethod
     def _from_names(cls, handler: Callable[..., Any], names: tuple[str, ...]) -> DalCommand:
         command = super()._from_names(handler, names)
-        command._children = {}  # type: ignore[attr-defined]
         command._generation = -1  # type: ignore[attr-defined]
         command._target = None  # type: ignore[attr-defined]
         return command
 
     def __getattr__(self, name: str) -> DalCommand:
-        if name.startswith("__") or name == "_children":  # never recurse on a missing slot
+        if name.startswith("__"):
             raise AttributeError(name)
-        children = self._children
-        child = children.get(name)
-        if child is None:
-            child = _DalPath._from_names(self._handler, (*self.names, name))
-            if len(children) < _COMMAND_CACHE_SIZE:
-                children[name] = child
+        child = _DalPath._from_names(self._handler, (*self.names, name))
+        children = self.__dict__
+        if len(children) < _COMMAND_CACHE_SIZE:  # bounded: names may come from getattr()
+            children[name] = child
         return child
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

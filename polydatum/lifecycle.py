@@ -104,6 +104,12 @@ def transition(state: State, event: str) -> State:
     )
 
 
+#: What ``next(gen, FINISHED)`` returns when the generator finished: stepping a
+#: generator this way costs no ``StopIteration`` (an exception per teardown otherwise).
+#: Private to this package, so no generator can yield it.
+FINISHED: Any = object()
+
+
 class Outcome(enum.Enum):
     """What one step of a generator did."""
 
@@ -193,7 +199,12 @@ def step(
     if scope is not None:
         scope.enter()
     try:
-        value = gen.send(None) if exc is None else gen.throw(exc)
+        if exc is None:
+            value = next(gen, FINISHED)  # a generator that returns raises nothing here
+            if value is FINISHED:
+                return Outcome.RETURNED, None
+        else:
+            value = gen.throw(exc)
     except StopIteration:
         return (Outcome.RETURNED if exc is None else Outcome.SUPPRESSED), None
     except BaseException as raised:
