@@ -21,7 +21,7 @@ are those of :mod:`polydatum.lifecycle`; the exception semantics are:
 from __future__ import annotations
 
 import atexit
-from contextvars import ContextVar, Token
+from contextvars import ContextVar, Token, copy_context
 from random import getrandbits as _random_bits
 from types import AsyncGeneratorType, GeneratorType, TracebackType
 from typing import TYPE_CHECKING, Any
@@ -232,13 +232,21 @@ class DataAccessContext:
             if type(gen) is not GeneratorType:
                 self._creating.discard(name)
                 return self._create_slow(name, gen)
-            rec = GeneratorRecord("resource", name, len(self._resource_stack), gen, False)
-            value = rec.cv.run(next, gen, FINISHED)
+            position = len(self._resource_stack)
+            cv = copy_context()
+            value = cv.run(next, gen, FINISHED)
             if value is FINISHED:
                 raise ResourceSetupException(f"Resource {name} did not yield on setup.")
         finally:
             self._creating.discard(name)
-        self._keep_resource(name, rec, value)
+        # _keep_resource, inlined: this runs for every lazy resource of every context.
+        self._resources[name] = value
+        self._resource_stack.append(
+            GeneratorRecord(("resource", name, position, gen, False, factory, cv))
+        )
+        if name not in self.__dict__ and name not in type(self)._class_attributes:
+            self.__dict__[name] = value
+            self._shortcuts.append(name)
         return value
 
     def _create_slow(self, name: str, gen: Any = None) -> Any:
@@ -304,8 +312,9 @@ class DataAccessContext:
             gen = middleware(self)
             if type(gen) is not GeneratorType:
                 rec, _ = self._start_middleware(position, middleware, gen)  # raises
-            rec = GeneratorRecord("middleware", None, position, gen, False, middleware)
-            if rec.cv.run(next, gen, FINISHED) is FINISHED:
+            cv = copy_context()
+            rec = GeneratorRecord(("middleware", None, position, gen, False, middleware, cv))
+            if cv.run(next, gen, FINISHED) is FINISHED:
                 raise MiddlewareSetupException(f"Middleware {rec.name} did not yield on setup.")
             stack.append(rec)
 
@@ -544,7 +553,7 @@ class DataAccessContext:
                 telemetry.step_finished(scope, Outcome.RAISED, error, None)  # type: ignore[arg-type]
             raise
         is_async = isinstance(gen, AsyncGeneratorType)
-        rec = GeneratorRecord("middleware", name, position, gen, is_async)
+        rec = GeneratorRecord.new("middleware", name, position, gen, is_async, middleware)
         problem: BaseException | None = None
         if is_async and not self._is_async:
             problem = MiddlewareSetupException(
@@ -642,7 +651,7 @@ class DataAccessContext:
                 telemetry.step_finished(scope, Outcome.RAISED, problem, None)  # type: ignore[arg-type]
             raise problem
         self._creating.add(name)
-        return GeneratorRecord("resource", name, position, gen, is_async, factory), scope
+        return GeneratorRecord.new("resource", name, position, gen, is_async, factory), scope
 
     def _finish_resource(
         self, rec: GeneratorRecord, scope: Any, outcome: Outcome, value: Any

@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextvars
 import enum
 from collections.abc import AsyncGenerator, Generator
+from operator import itemgetter
 from typing import Any, Protocol
 
 from polydatum.errors import ContextStateError
@@ -139,31 +140,41 @@ def callable_name(obj: Any) -> str:
     return name if isinstance(name, str) else type(obj).__name__
 
 
-class GeneratorRecord:
+class GeneratorRecord(tuple[Any, ...]):
     """A middleware or resource generator in flight, with the context it runs in.
 
-    ``cv`` is a copy of the caller's :class:`contextvars.Context` taken when the
-    generator is created; every step of the generator runs inside it.
+    ``GeneratorRecord.new(kind, name, position, gen, is_async, source)``. ``cv`` is a
+    copy of the caller's :class:`contextvars.Context` taken when the generator is
+    created; every step of the generator runs inside it.
+
+    A tuple underneath: one is made per middleware and per resource of every
+    context, and a tuple is built without running any Python code, its fields read
+    through C-level ``itemgetter`` properties.
     """
 
-    __slots__ = ("_name", "cv", "gen", "is_async", "kind", "position", "source")
+    __slots__ = ()
 
-    def __init__(
-        self,
+    kind: str = property(itemgetter(0))  # type: ignore[assignment]  # "middleware" / "resource"
+    _name: str | None = property(itemgetter(1))  # type: ignore[assignment]
+    position: int = property(itemgetter(2))  # type: ignore[assignment]
+    gen: Any = property(itemgetter(3))  # a Generator or an AsyncGenerator
+    is_async: bool = property(itemgetter(4))  # type: ignore[assignment]
+    #: The middleware callable (its name is derived from it lazily) or the resource factory.
+    source: Any = property(itemgetter(5))
+    cv: contextvars.Context = property(itemgetter(6))  # type: ignore[assignment]
+
+    @classmethod
+    def new(
+        cls,
         kind: str,
         name: str | None,
         position: int,
         gen: Any,
         is_async: bool,
         source: Any = None,
-    ) -> None:
-        self.kind = kind  # "middleware" or "resource"
-        self._name = name
-        self.source = source  # the middleware callable, when the name is derived from it
-        self.position = position
-        self.gen = gen  # a Generator or an AsyncGenerator
-        self.is_async = is_async
-        self.cv = contextvars.copy_context()
+    ) -> GeneratorRecord:
+        """A record for ``gen``, with a copy of the current context for it to run in."""
+        return cls((kind, name, position, gen, is_async, source, contextvars.copy_context()))
 
     @property
     def name(self) -> str:
@@ -171,9 +182,8 @@ class GeneratorRecord:
 
         Derived lazily: the idle fast path needs a name only when something fails.
         """
-        if self._name is None:
-            self._name = callable_name(self.source)
-        return self._name
+        name: str | None = self[1]
+        return name if name is not None else callable_name(self[5])
 
 
 def classify(exc: BaseException | None, raised: BaseException) -> Outcome:
