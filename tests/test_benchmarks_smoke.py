@@ -93,3 +93,36 @@ def test_quick_run_reports_every_condition() -> None:
         assert memory["active_context_left"] is False
         assert memory["limit_bytes"] == 1024 * 1024
         assert isinstance(memory["retained_bytes"], int)
+
+
+def test_instruction_counts_report_ratios() -> None:
+    """``bench_instructions.py`` runs its children under valgrind and reports a ratio.
+
+    Two requests per child and the tracing comparison only (each callgrind run of an
+    interpreter that imports the SDK takes seconds); the figures are not asserted.
+    """
+    script = ROOT / "benchmarks" / "bench_instructions.py"
+    options = ["--conditions", "tracing", "--requests", "2", "--json"]
+    result = subprocess.run(
+        [sys.executable, str(script), *options],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["requests"] == 2
+    assert sorted(report["instructions_per_request"]) == [
+        "tracing / hand-written A (6 spans)",
+        "tracing / polydatum A",
+    ]
+    assert all(v > 0 for v in report["instructions_per_request"].values())
+    [comparison] = report["comparisons"]
+    assert (comparison["condition"], comparison["subject"], comparison["target"]) == (
+        "tracing",
+        "polydatum A",
+        1.0,
+    )
+    assert comparison["reference"] == "hand-written A (6 spans)"
+    assert comparison["met"] == (comparison["ratio"] <= 1.0)
