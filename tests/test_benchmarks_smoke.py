@@ -13,6 +13,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "bench_core.py"
@@ -27,16 +28,23 @@ SIX_SPANS = [
 ]
 
 
-def test_quick_run_reports_every_condition() -> None:
+def json_report(script: Path, *options: str, timeout: float) -> Any:
+    """Run a benchmark script with ``options`` (which include ``--json``); its report."""
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--json", "--legacy-python", sys.executable],
+        [sys.executable, str(script), *options],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
         cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
+    return json.loads(result.stdout)
+
+
+def test_quick_run_reports_every_condition() -> None:
+    report = json_report(
+        SCRIPT, "--quick", "--json", "--legacy-python", sys.executable, timeout=120
+    )
 
     assert report["quick"] is True
     assert report["rounds"] == 3
@@ -101,17 +109,11 @@ def test_instruction_counts_report_ratios() -> None:
     Two requests per child and the tracing comparison only (each callgrind run of an
     interpreter that imports the SDK takes seconds); the figures are not asserted.
     """
-    script = ROOT / "benchmarks" / "bench_instructions.py"
-    options = ["--conditions", "tracing", "--requests", "2", "--json"]
-    result = subprocess.run(
-        [sys.executable, str(script), *options],
-        capture_output=True,
-        text=True,
+    report = json_report(
+        ROOT / "benchmarks" / "bench_instructions.py",
+        *("--conditions", "tracing", "--requests", "2", "--json"),
         timeout=300,
-        cwd=ROOT,
     )
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
     assert report["requests"] == 2
     assert sorted(report["instructions_per_request"]) == [
         "tracing / hand-written A (6 spans)",
