@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Self
 
 from polydatum.context import _active
 from polydatum.errors import AlreadyExistsException, NoActiveContextError
@@ -38,16 +38,17 @@ class Service:
         for key, service in services.items():
             service.setup(self.__dict__.get("_data_manager"))
             subs[key] = service
+            # Reachable as an attribute (``self.profile``) the way 0.9.1's __getattr__
+            # fallback made it: never over a class attribute or an instance attribute.
+            # Kept in the instance dict rather than found by ``__getattr__``, because a
+            # class with ``__getattr__`` gets no specialised attribute access from
+            # CPython: every ``self._ctx`` in every service method would pay for it.
+            if key not in self.__dict__ and not hasattr(type(self), key):
+                self.__dict__[key] = service
         dal = self.__dict__.get("_dal")
         if dal is not None:
             dal._invalidate()  # paths through this service may resolve differently now
         return self
-
-    def __getattr__(self, name: str) -> Any:
-        services = self.__dict__.get("_services")
-        if services is not None and name in services:
-            return services[name]
-        raise AttributeError(f"{type(self).__name__!r} has no sub-service or attribute {name!r}")
 
     def setup(self, data_manager: DataManager | None) -> None:
         """Bind this service (and its sub-services) to a DataManager; called on registration."""

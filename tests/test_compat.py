@@ -89,6 +89,29 @@ def test_register_twice_raises_and_replace_overrides(dm: DataManager) -> None:
         assert dal.users.whoami() == "replaced"
 
 
+def test_sub_services_are_attributes_below_class_and_instance_attributes() -> None:
+    class Shadowing(Service):
+        def history(self) -> str:
+            return "the method"
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.cache = "the instance attribute"
+
+    profile, history, cache = Profile(), Profile(), Profile()
+    svc = Shadowing().register_services(profile=profile, history=history, cache=cache)
+    # As with 0.9.1's __getattr__ fallback: a sub-service is an attribute unless the
+    # class or the instance already has one by that name.
+    assert svc.profile is profile
+    assert svc.history() == "the method"
+    assert svc.cache == "the instance attribute"
+    with pytest.raises(AttributeError, match="'Shadowing' object has no attribute 'nope'"):
+        svc.nope
+    # No __getattr__ on Service: CPython specialises attribute access (self._ctx,
+    # self._dal) only on classes without one.
+    assert not hasattr(Service, "__getattr__")
+
+
 def test_nested_register_twice_raises() -> None:
     users = Users().register_services(profile=Profile())
     with pytest.raises(AlreadyExistsException):
