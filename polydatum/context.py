@@ -68,7 +68,7 @@ _active: ContextVar[DataAccessContext | None] = ContextVar("polydatum_active_con
 
 
 #: Contexts entered and not yet exited, in any thread or task (for the exit report).
-_OPEN: set[DataAccessContext] = set()
+_OPEN: set[_Lifecycle] = set()
 _exit_report_registered = False
 
 
@@ -109,36 +109,21 @@ def _register_exit_report() -> None:
     atexit.register(_report_open_contexts)
 
 
-class DataAccessContext:
-    """One request's state: read-only ``meta``, the ``dal``, and lazily created resources.
+class _Lifecycle:
+    """The machinery behind one :class:`DataAccessContext`: its state, stacks and steps.
 
-    Use it as ``with dm.context(meta) as ctx:`` or ``async with``. Resources are
-    attributes (``ctx.db``), created on first access; ``'db' in ctx`` tells whether
-    that happened. In an async context, ``await ctx.aresource('db')`` also creates
-    async-generator resources. A context is single-use.
+    Kept apart from the context object users hold because that object needs
+    ``__getattr__`` (``ctx.db`` creates the resource ``db``, ``ctx.nope`` raises 0.9.1's
+    ``AttributeError``), and CPython does not specialise attribute access on a class
+    with ``__getattr__``: every ``self._state`` of the lifecycle would take the slow,
+    generic path (measured: ~12 % of an idle request). This class has no
+    ``__getattr__``; the context delegates to it and hands itself (``self.ctx``) to
+    middleware, resources and hooks, exactly as before.
     """
 
-    #: Whether a subclass overrides one of 0.9.1's hooks (skips three no-op calls if not).
-    _has_hooks = False
-
-    #: Names defined on the class (a resource never shadows one); set per subclass.
-    _class_attributes: frozenset[str] = frozenset()
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        cls._class_attributes = frozenset(dir(cls))
-        cls._has_hooks = any(
-            getattr(cls, hook) is not getattr(DataAccessContext, hook)
-            for hook in ("_setup_hook", "_teardown_hook", "_final_hook")
-        )
-
-    def __init__(self, data_manager: DataManager, meta: Meta | dict[str, Any] | None = None):
+    def __init__(self, ctx: DataAccessContext, data_manager: DataManager) -> None:
+        self.ctx = ctx
         self.data_manager = data_manager
-        self.dal: DataAccessLayer = data_manager.get_dal()
-        if isinstance(meta, Meta):
-            self.meta = meta
-        else:
-            self.meta = Meta(meta) if meta else _EMPTY_META  # read-only: safe to share
         self._state = State.CREATED
         self._resources: dict[str, Any] = {}
         self._resource_stack: list[GeneratorRecord] = []
@@ -146,15 +131,14 @@ class DataAccessContext:
         self._resource_exit_errors: list[ExcInfo] = []
         self._creating: set[str] = set()
         self._shortcuts: list[str] = []
-        # _telemetry, _token, _id and _is_async start as the class defaults below
-        # (one context per request: every attribute set here is on the hot path).
-
-    _telemetry: ContextTelemetry | None = None
-    _token: Token[DataAccessContext | None] | None = None
-    _id: str | None = None
-    _is_async = False
-
-    # ----------------------------------------------------------------- public API
+        self._telemetry: ContextTelemetry | None = None
+        self._token: Token[DataAccessContext | None] | None = None
+        self._id: str | None = None
+        self._is_async = False
+        self._yields_dal = False  # set by DataManager.dal(): entering yields the DAL
+        klass = type(ctx)
+        self._has_hooks = klass._has_hooks
+        self._class_attributes = klass._class_attributes
 
     @property
     def id(self) -> str:
@@ -166,18 +150,13 @@ class DataAccessContext:
 
     @property
     def state(self) -> State:
-        """Where this context is in its lifecycle."""
         return self._state
 
-    def get_resource_exit_errors(self) -> list[ExcInfo]:
-        """Errors resources raised while tearing down, as ``sys.exc_info()`` triples."""
-        return self._resource_exit_errors
+    def __repr__(self) -> str:
+        return f"<lifecycle of {self.ctx!r}>" if self.ctx is not None else "<lifecycle, exited>"
 
-    def __contains__(self, name: object) -> bool:
-        """Whether the resource ``name`` has been created in this context."""
-        return name in self._resources
-
-    def __getattr__(self, name: str) -> Any:
+    def attribute(self, name: str) -> Any:
+        """``ctx.<name>`` when ``name`` is no attribute of the context: a resource."""
         if name.startswith("__") or name.startswith("_abc"):
             raise AttributeError(name)
         if self._state in RESOURCE_CREATE_STATES and name not in self._resources:
@@ -228,7 +207,7 @@ class DataAccessContext:
             return self._create_slow(name)
         self._creating.add(name)
         try:
-            gen = factory(self)
+            gen = factory(self.ctx)
             if type(gen) is not GeneratorType:
                 self._creating.discard(name)
                 return self._create_slow(name, gen)
@@ -244,8 +223,9 @@ class DataAccessContext:
         self._resource_stack.append(
             GeneratorRecord(("resource", name, position, gen, False, factory, cv))
         )
-        if name not in self.__dict__ and name not in type(self)._class_attributes:
-            self.__dict__[name] = value
+        shortcuts = self.ctx.__dict__
+        if name not in shortcuts and name not in self._class_attributes:
+            shortcuts[name] = value
             self._shortcuts.append(name)
         return value
 
@@ -268,19 +248,17 @@ class DataAccessContext:
         self._resources[name] = value
         self._resource_stack.append(rec)
         # Later reads of ctx.<name> skip __getattr__; removed again at exit.
-        if name not in self.__dict__ and name not in type(self)._class_attributes:
-            self.__dict__[name] = value
+        shortcuts = self.ctx.__dict__
+        if name not in shortcuts and name not in self._class_attributes:
+            shortcuts[name] = value
             self._shortcuts.append(name)
 
     # ------------------------------------------------------------------ sync enter/exit
 
-    #: Set by ``DataManager.dal()``: entering yields the DAL instead of the context.
-    _yields_dal = False
-
-    def __enter__(self) -> Any:
+    def enter(self) -> Any:
         self._begin(is_async=False)
         try:
-            middleware_chain = self.data_manager.get_middleware(self)
+            middleware_chain = self.data_manager.get_middleware(self.ctx)
             if self._telemetry is None:
                 self._setup_idle(middleware_chain)
             else:
@@ -303,13 +281,13 @@ class DataAccessContext:
                 raise final from final.__cause__  # the error the setup ended with
             raise final from error  # a middleware replaced the setup error
         self._state = transition(self._state, "setup_done")
-        return self.dal if self._yields_dal else self
+        return self.ctx.dal if self._yields_dal else self.ctx
 
     def _setup_idle(self, chain: list[Any]) -> None:
         """Set middleware up when nothing records: one flat loop, no step records."""
         stack = self._middleware_stack
         for position, middleware in enumerate(chain):
-            gen = middleware(self)
+            gen = middleware(self.ctx)
             if type(gen) is not GeneratorType:
                 rec, _ = self._start_middleware(position, middleware, gen)  # raises
             cv = copy_context()
@@ -318,7 +296,7 @@ class DataAccessContext:
                 raise MiddlewareSetupException(f"Middleware {rec.name} did not yield on setup.")
             stack.append(rec)
 
-    def __exit__(
+    def exit(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
@@ -413,10 +391,10 @@ class DataAccessContext:
 
     # ----------------------------------------------------------------- async enter/exit
 
-    async def __aenter__(self) -> Any:
+    async def aenter(self) -> Any:
         self._begin(is_async=True)
         try:
-            for position, middleware in enumerate(self.data_manager.get_middleware(self)):
+            for position, middleware in enumerate(self.data_manager.get_middleware(self.ctx)):
                 rec, scope = self._start_middleware(position, middleware)
                 outcome, value = await adrive(rec, None, scope)
                 self._finish_middleware_setup(rec, scope, outcome, value)
@@ -429,9 +407,9 @@ class DataAccessContext:
                 raise final from final.__cause__  # the error the setup ended with
             raise final from error  # a middleware replaced the setup error
         self._state = transition(self._state, "setup_done")
-        return self.dal if self._yields_dal else self
+        return self.ctx.dal if self._yields_dal else self.ctx
 
-    async def __aexit__(
+    async def aexit(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
@@ -477,7 +455,7 @@ class DataAccessContext:
         self._state = transition(self._state, "middleware_done")
         if self._has_hooks:
             try:
-                self._teardown_hook(current)
+                self.ctx._teardown_hook(current)
             except Exception as error:  # recorded like a resource exit error, as in 0.9.1
                 self._record_teardown_error("_teardown_hook", error)
 
@@ -485,13 +463,13 @@ class DataAccessContext:
         self._state = transition(self._state, "enter")
         if is_async:
             self._is_async = True
-        self._token = _active.set(self)
+        self._token = _active.set(self.ctx)
         _OPEN.add(self)
         if not _exit_report_registered:
             _register_exit_report()
-        self._telemetry = self.data_manager._telemetry.start(self)  # opens the context span
+        self._telemetry = self.data_manager._telemetry.start(self.ctx)  # opens the context span
         if self._has_hooks:
-            self._setup_hook()
+            self.ctx._setup_hook()
 
     def _end(
         self, exc: BaseException | None, final: BaseException | None, setup_failed: bool
@@ -503,8 +481,10 @@ class DataAccessContext:
         """
         if setup_failed and final is None:
             final = exc
-        for name in self._shortcuts:
-            self.__dict__.pop(name, None)
+        if self._shortcuts:
+            shortcuts = self.ctx.__dict__
+            for name in self._shortcuts:
+                shortcuts.pop(name, None)
         self._state = transition(self._state, "resources_done")
         if self._resource_exit_errors and self.data_manager.teardown_errors == "raise":
             # An ExceptionGroup holds Exceptions only: BaseExceptions (KeyboardInterrupt)
@@ -523,7 +503,7 @@ class DataAccessContext:
                 self._telemetry = None
         finally:
             if self._has_hooks:
-                self._final_hook(final)
+                self.ctx._final_hook(final)
             _OPEN.discard(self)
             token, self._token = self._token, None
             if token is not None:
@@ -532,6 +512,9 @@ class DataAccessContext:
                 except ValueError:  # exited in another thread/task than it was entered
                     outer = token.old_value
                     _active.set(None if outer is Token.MISSING else outer)
+            # The context owns this object: dropping the way back breaks the cycle, so
+            # an exited context is freed by reference counting alone, without a GC pass.
+            self.ctx = None  # type: ignore[assignment]
         return final
 
     def _start_middleware(
@@ -547,7 +530,7 @@ class DataAccessContext:
         )
         try:
             if gen is None:
-                gen = middleware(self)
+                gen = middleware(self.ctx)
         except BaseException as error:
             if telemetry is not None:
                 telemetry.step_finished(scope, Outcome.RAISED, error, None)  # type: ignore[arg-type]
@@ -632,7 +615,7 @@ class DataAccessContext:
             scope = telemetry.step_started("resource", "setup", name, position, attributes)
         try:
             if gen is None:
-                gen = factory(self)
+                gen = factory(self.ctx)
         except BaseException as error:
             if telemetry is not None:
                 telemetry.step_finished(scope, Outcome.RAISED, error, None)  # type: ignore[arg-type]
@@ -713,7 +696,103 @@ class DataAccessContext:
         if self._telemetry is not None:
             self._telemetry.teardown_error(resource, error)
         else:
-            self.data_manager._telemetry.record_idle_teardown_error(self, resource, error)
+            self.data_manager._telemetry.record_idle_teardown_error(self.ctx, resource, error)
+
+
+class DataAccessContext:
+    """One request's state: read-only ``meta``, the ``dal``, and lazily created resources.
+
+    Use it as ``with dm.context(meta) as ctx:`` or ``async with``. Resources are
+    attributes (``ctx.db``), created on first access; ``'db' in ctx`` tells whether
+    that happened. In an async context, ``await ctx.aresource('db')`` also creates
+    async-generator resources. A context is single-use.
+
+    The lifecycle itself runs in a :class:`_Lifecycle` (``ctx._c``), which this
+    object delegates to (see there for why).
+    """
+
+    #: Whether a subclass overrides one of 0.9.1's hooks (skips three no-op calls if not).
+    _has_hooks = False
+
+    #: Names defined on the class (a resource never shadows one); set per subclass.
+    _class_attributes: frozenset[str] = frozenset()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._class_attributes = frozenset(dir(cls))
+        cls._has_hooks = any(
+            getattr(cls, hook) is not getattr(DataAccessContext, hook)
+            for hook in ("_setup_hook", "_teardown_hook", "_final_hook")
+        )
+
+    def __init__(self, data_manager: DataManager, meta: Meta | dict[str, Any] | None = None):
+        self.data_manager = data_manager
+        self.dal: DataAccessLayer = data_manager.get_dal()
+        if isinstance(meta, Meta):
+            self.meta = meta
+        else:
+            self.meta = Meta(meta) if meta else _EMPTY_META  # read-only: safe to share
+        self._c = _Lifecycle(self, data_manager)
+
+    # ----------------------------------------------------------------- public API
+
+    @property
+    def id(self) -> str:
+        """A random id for this context (recorded as ``polydatum.context.id``)."""
+        return self._c.id
+
+    @property
+    def state(self) -> State:
+        """Where this context is in its lifecycle."""
+        return self._c._state
+
+    @property
+    def _telemetry(self) -> ContextTelemetry | None:
+        """What records this context (``None`` when nothing does)."""
+        return self._c._telemetry
+
+    def get_resource_exit_errors(self) -> list[ExcInfo]:
+        """Errors resources raised while tearing down, as ``sys.exc_info()`` triples."""
+        return self._c._resource_exit_errors
+
+    def __contains__(self, name: object) -> bool:
+        """Whether the resource ``name`` has been created in this context."""
+        return name in self._c._resources
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "_c":  # not set yet: a subclass's __init__ reading attributes early
+            raise AttributeError(name)
+        return self._c.attribute(name)
+
+    def resource(self, name: str) -> Any:
+        """Return resource ``name``, creating it on first use (sync resources only)."""
+        return self._c.resource(name)
+
+    async def aresource(self, name: str) -> Any:
+        """Return resource ``name``, creating it on first use (sync or async resources)."""
+        return await self._c.aresource(name)
+
+    def __enter__(self) -> Any:
+        return self._c.enter()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        return self._c.exit(exc_type, exc, tb)
+
+    async def __aenter__(self) -> Any:
+        return await self._c.aenter()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        return await self._c.aexit(exc_type, exc, tb)
 
     # ------------------------------------------------------ hooks (polydatum 0.9.1)
 
@@ -727,7 +806,8 @@ class DataAccessContext:
         """Override to run code at the very end of the context."""
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self._id or hex(id(self))} {self._state.value}>"
+        c = self._c
+        return f"<{type(self).__name__} {c._id or hex(id(self))} {c._state.value}>"
 
 
 DataAccessContext._class_attributes = frozenset(dir(DataAccessContext))
