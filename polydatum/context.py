@@ -21,6 +21,7 @@ are those of :mod:`polydatum.lifecycle`; the exception semantics are:
 from __future__ import annotations
 
 import atexit
+from collections.abc import Iterable
 from contextvars import ContextVar, Token, copy_context
 from random import getrandbits as _random_bits
 from types import AsyncGeneratorType, GeneratorType, TracebackType
@@ -107,6 +108,48 @@ def _register_exit_report() -> None:
     global _exit_report_registered
     _exit_report_registered = True
     atexit.register(_report_open_contexts)
+
+
+class _ResourceAttribute:
+    """``ctx.<resource>`` for a registered resource, found on the context's class.
+
+    Without it, the first ``ctx.db`` of every context goes through ``__getattr__``,
+    which on CPython 3.11 costs a failed attribute look-up first (an
+    ``AttributeError`` built and thrown away: ~4x a descriptor's cost). The result is
+    the same: the resource, created on first use, with the same state checks. A
+    non-data descriptor, so the created resource cached in the instance dict wins
+    for the rest of the context.
+    """
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, ctx: DataAccessContext | None, owner: type | None = None) -> Any:
+        if ctx is None:
+            return self
+        return ctx._c.attribute(self.name)
+
+
+def context_class_for(base: type[DataAccessContext], resources: Iterable[str]) -> type[Any]:
+    """A subclass of ``base`` of one DataManager's own, with a :class:`_ResourceAttribute`
+    per resource (more are added by :func:`add_resource_attribute`). Same name, same
+    behaviour: only faster to reach the resources."""
+    cls = type(
+        base.__name__,
+        (base,),
+        {"__module__": base.__module__, "__qualname__": base.__qualname__},
+    )
+    for name in resources:
+        add_resource_attribute(cls, name)
+    return cls
+
+
+def add_resource_attribute(cls: type[DataAccessContext], name: str) -> None:
+    """Make ``ctx.<name>`` a descriptor on ``cls`` unless the context class has that name."""
+    if not name.startswith("_") and name not in cls._class_attributes:
+        setattr(cls, name, _ResourceAttribute(name))
 
 
 class _Lifecycle:

@@ -9,7 +9,13 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
-from polydatum.context import DataAccessContext, _active, get_active_context
+from polydatum.context import (
+    DataAccessContext,
+    _active,
+    add_resource_attribute,
+    context_class_for,
+    get_active_context,
+)
 from polydatum.errors import (
     AlreadyExistsException,
     DalMethodError,
@@ -428,6 +434,24 @@ class DataManager:
         self._telemetry = Telemetry(tracer_provider, meter_provider, meta_attributes)
         self.teardown_errors = teardown_errors
         self._dal: _DAL = self.DataAccessLayer(self, middleware=list(method_middleware))
+        self._context_class()
+
+    def _context_class(self) -> type[DataAccessContext]:
+        """``self.Context`` with the registered resources as descriptors (cached; made
+        again when ``Context`` is replaced). See :class:`polydatum.context._ResourceAttribute`."""
+        base = self.Context
+        cls: type[DataAccessContext] | None = self.__dict__.get("_ctx_class")
+        if cls is None or self.__dict__.get("_ctx_base") is not base:
+            cls = context_class_for(base, list(self._resource_manager))
+            self._ctx_class = cls
+            self._ctx_base = base
+        return cls
+
+    def _resource_registered(self, name: str) -> None:
+        """Called by the ResourceManager: ``ctx.<name>`` becomes a descriptor."""
+        cls = self.__dict__.get("_ctx_class")
+        if cls is not None:
+            add_resource_attribute(cls, name)
 
     # -- registration ---------------------------------------------------------------
 
@@ -476,14 +500,16 @@ class DataManager:
 
     def context(self, meta: Meta | dict[str, Any] | None = None) -> DataAccessContext:
         """A new (not yet entered) context; use ``with`` or ``async with``."""
-        return self.Context(self, meta=meta)
+        cls = self._ctx_class if self.Context is self._ctx_base else self._context_class()
+        return cls(self, meta=meta)
 
     def dal(self, meta: Meta | dict[str, Any] | None = None) -> DataAccessContext:
         """Start a context and give the DAL: ``with dm.dal() as dal:`` (or ``async with``).
 
         The context itself is returned; entering it yields its DAL.
         """
-        ctx = self.Context(self, meta=meta)
+        cls = self._ctx_class if self.Context is self._ctx_base else self._context_class()
+        ctx = cls(self, meta=meta)
         ctx._c._yields_dal = True
         return ctx
 

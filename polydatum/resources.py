@@ -103,6 +103,9 @@ class ResourceManager:
         if callable(setup):
             setup(self._data_manager)
         self._resources[key] = resource
+        registered = getattr(self._data_manager, "_resource_registered", None)
+        if registered is not None:  # makes ctx.<key> fast to reach (DataManager)
+            registered(key)
 
     def __getitem__(self, name: str) -> Callable[..., Any]:
         return self._resources[name]
