@@ -37,6 +37,12 @@ from polydatum.errors import (
 )
 from polydatum.lifecycle import (
     FINISHED,
+    ON_ENTER,
+    ON_EXIT,
+    ON_MIDDLEWARE_DONE,
+    ON_RESOURCES_DONE,
+    ON_SETUP_DONE,
+    ON_SETUP_FAILED,
     RESOURCE_CREATE_STATES,
     RESOURCE_USE_STATES,
     GeneratorRecord,
@@ -316,14 +322,16 @@ class _Lifecycle:
                     else:
                         self._finish_middleware_setup(rec, scope, outcome, value)
         except BaseException as error:
-            self._state = transition(self._state, "setup_failed")
+            self._state = ON_SETUP_FAILED.get(self._state) or transition(
+                self._state, "setup_failed"
+            )
             final = self._teardown(error, setup_failed=True)
             if final is None or final is error:
                 raise
             if isinstance(final, TeardownErrors):
                 raise final from final.__cause__  # the error the setup ended with
             raise final from error  # a middleware replaced the setup error
-        self._state = transition(self._state, "setup_done")
+        self._state = ON_SETUP_DONE.get(self._state) or transition(self._state, "setup_done")
         return self.ctx.dal if self._yields_dal else self.ctx
 
     def _setup_idle(self, chain: list[Any]) -> None:
@@ -345,7 +353,7 @@ class _Lifecycle:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
-        self._state = transition(self._state, "exit")
+        self._state = ON_EXIT.get(self._state) or transition(self._state, "exit")
         if exc_type is not None and exc is None:
             exc = exc_type()
         idle = self._telemetry is None
@@ -442,14 +450,16 @@ class _Lifecycle:
                 outcome, value = await adrive(rec, None, scope)
                 self._finish_middleware_setup(rec, scope, outcome, value)
         except BaseException as error:
-            self._state = transition(self._state, "setup_failed")
+            self._state = ON_SETUP_FAILED.get(self._state) or transition(
+                self._state, "setup_failed"
+            )
             final = await self._ateardown(error, setup_failed=True)
             if final is None or final is error:
                 raise
             if isinstance(final, TeardownErrors):
                 raise final from final.__cause__  # the error the setup ended with
             raise final from error  # a middleware replaced the setup error
-        self._state = transition(self._state, "setup_done")
+        self._state = ON_SETUP_DONE.get(self._state) or transition(self._state, "setup_done")
         return self.ctx.dal if self._yields_dal else self.ctx
 
     async def aexit(
@@ -458,7 +468,7 @@ class _Lifecycle:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
-        self._state = transition(self._state, "exit")
+        self._state = ON_EXIT.get(self._state) or transition(self._state, "exit")
         if exc_type is not None and exc is None:
             exc = exc_type()
         final = await self._ateardown(exc)
@@ -495,7 +505,9 @@ class _Lifecycle:
 
     def _middleware_done(self, current: BaseException | None) -> None:
         """Between the phases: 0.9.1's teardown hook runs before resources tear down."""
-        self._state = transition(self._state, "middleware_done")
+        self._state = ON_MIDDLEWARE_DONE.get(self._state) or transition(
+            self._state, "middleware_done"
+        )
         if self._has_hooks:
             try:
                 self.ctx._teardown_hook(current)
@@ -503,7 +515,7 @@ class _Lifecycle:
                 self._record_teardown_error("_teardown_hook", error)
 
     def _begin(self, is_async: bool) -> None:
-        self._state = transition(self._state, "enter")
+        self._state = ON_ENTER.get(self._state) or transition(self._state, "enter")
         if is_async:
             self._is_async = True
         self._token = _active.set(self.ctx)
@@ -528,7 +540,9 @@ class _Lifecycle:
             shortcuts = self.ctx.__dict__
             for name in self._shortcuts:
                 shortcuts.pop(name, None)
-        self._state = transition(self._state, "resources_done")
+        self._state = ON_RESOURCES_DONE.get(self._state) or transition(
+            self._state, "resources_done"
+        )
         if self._resource_exit_errors and self.data_manager.teardown_errors == "raise":
             # An ExceptionGroup holds Exceptions only: BaseExceptions (KeyboardInterrupt)
             # a resource raised at teardown stay recorded, as under the "record" policy.

@@ -62,15 +62,19 @@ class _ServiceAttribute:
     context must be active) as ``__getattr__``.
     """
 
-    __slots__ = ("name",)
+    __slots__ = ("command", "name")
 
     def __init__(self, name: str) -> None:
         self.name = name
+        self.command: DalCommand | None = None  # the DAL's command for name, once made
 
     def __get__(self, dal: DataAccessLayer | None, owner: type | None = None) -> Any:
         if dal is None:
             return self
-        return dal._command(self.name)
+        command = self.command
+        if command is None or _active.get() is None:  # the latter raises, as 0.9.1 did
+            command = self.command = dal._command(self.name)
+        return command
 
 
 class DataAccessLayer:
@@ -100,9 +104,9 @@ class DataAccessLayer:
         self._services: dict[str, Service] = {}
         self._data_manager = data_manager
         self._resolved: dict[tuple[str, ...], Resolved] = {}
-        # Bumped whenever what a path resolves to may change (services, middleware):
-        # commands remember their resolution together with the generation it is for.
-        self._generation = 0
+        # Replaced whenever what a path resolves to may change (services, middleware):
+        # commands remember their resolution together with the cell it is valid for.
+        self._valid = [True]
         self._base_handler = handler
         self._default_middleware = [self._check(m) for m in (default_middleware or ())]
         self._middleware: list[Any] = []
@@ -143,7 +147,7 @@ class DataAccessLayer:
         self._ahandler = ahandler
         # No method middleware of the user's and the stock resolver and handler: a
         # resolved call can go straight to the method (the common, hot case).
-        self._generation = getattr(self, "_generation", 0) + 1
+        self._bump()
         self._direct = (
             not self._middleware
             and self._default_middleware == [dal_method_resolver_middleware]
@@ -194,7 +198,17 @@ class DataAccessLayer:
     def _invalidate(self) -> None:
         """Forget every cached resolution (a service was registered or replaced)."""
         self._resolved.clear()
-        self._generation += 1
+        self._bump()
+
+    def _bump(self) -> None:
+        """A new registration generation: what any path resolves to may have changed.
+
+        Commands that remember a resolution hold the generation's ``_valid`` cell (a
+        one-item list) and check ``cell[0]``: cheaper than comparing counters through
+        the DAL, whose attributes are slow to read (it has ``__getattr__``).
+        """
+        self._valid[0] = False
+        self._valid = [True]
 
     @property
     def services(self) -> dict[str, Service]:
@@ -238,8 +252,7 @@ class DataAccessLayer:
                 resolved = None  # middleware may still handle it; the resolver raises otherwise
         if resolved is not None and self._direct and not resolved.is_async:
             if command is not None:  # next time the command calls the method itself
-                command._target = resolved
-                command._generation = self._generation
+                command._fast = (self._valid, resolved.service, resolved.method, resolved)
             method = getattr(resolved.service, resolved.method)
             telemetry = ctx._c._telemetry
             if telemetry is None:
@@ -335,15 +348,15 @@ class _DalPath(DalCommand):
     there: ``__getattr__`` runs for those alone.
     """
 
-    __slots__ = ("__dict__", "_generation", "_target")
-    _generation: int
-    _target: Resolved | None
+    __slots__ = ("__dict__", "_fast")
+    #: ``(valid cell, service, method name, resolution)`` once resolved with no method
+    #: middleware in the way; used while ``cell[0]`` (see ``DataAccessLayer._bump``).
+    _fast: tuple[list[bool], Service, str, Resolved] | None
 
     @classmethod
     def _from_names(cls, handler: Callable[..., Any], names: tuple[str, ...]) -> DalCommand:
         command = super()._from_names(handler, names)
-        command._generation = -1  # type: ignore[attr-defined]
-        command._target = None  # type: ignore[attr-defined]
+        command._fast = None  # type: ignore[attr-defined]
         return command
 
     def __getattr__(self, name: str) -> DalCommand:
@@ -356,24 +369,26 @@ class _DalPath(DalCommand):
         return child
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        dal: DataAccessLayer = self._handler.__self__  # type: ignore[attr-defined]
-        target = self._target
-        if target is not None and self._generation == dal._generation:
+        fast = self._fast
+        if fast is not None and fast[0][0]:
             # Resolved before for this registration, no method middleware: call the
-            # method directly, in a service call span when the context records.
+            # method directly (looked up every call: it may be patched), in a service
+            # call span when the context records.
             ctx = _active.get()
             if ctx is not None:
+                _, service, method, target = fast
                 telemetry = ctx._c._telemetry
                 if telemetry is None:
-                    return getattr(target.service, target.method)(*args, **kwargs)
+                    return getattr(service, method)(*args, **kwargs)
                 step = telemetry.call_started(target.path, target.function)
                 try:
-                    result = getattr(target.service, target.method)(*args, **kwargs)
+                    result = getattr(service, method)(*args, **kwargs)
                 except BaseException as error:
                     telemetry.call_finished(step, error)
                     raise
                 telemetry.call_finished(step, None)
                 return result
+        dal: DataAccessLayer = self._handler.__self__  # type: ignore[attr-defined]
         return dal._call_names(self._names or self.names, args, kwargs, command=self)
 
 

@@ -14,11 +14,13 @@ state                         event              next state
 ``tearing_down_resources``    ``resources_done`` ``exited``
 ============================  =================  ===========================
 
-The table is :data:`TRANSITIONS`; :func:`transition` is the one place a state changes,
-and it refuses anything not in the table with an error naming the state and what to
-do. Resources may be *created* while setting up, active or tearing down middleware
-(middleware teardown may need one), and *used* until resources are torn down
-(:data:`RESOURCE_CREATE_STATES`, :data:`RESOURCE_USE_STATES`).
+The table is :data:`TRANSITIONS`; every state change is looked up in it, through
+:func:`transition` or its per-event views (:data:`ON_EXIT` and the like, which the
+context's hot paths use to save a call), and anything not in the table is refused by
+:func:`transition` with an error naming the state and what to do. Resources may be
+*created* while setting up, active or tearing down middleware (middleware teardown may
+need one), and *used* until resources are torn down (:data:`RESOURCE_CREATE_STATES`,
+:data:`RESOURCE_USE_STATES`).
 
 Generators (middleware and resources) are driven one step at a time by
 :func:`drive` / :func:`adrive`, each inside the generator's own
@@ -85,15 +87,25 @@ _ADVICE: dict[tuple[State, str], str] = {
 }
 
 
-#: :data:`TRANSITIONS` indexed by state, for the per-step lookup.
-_NEXT: dict[State, dict[str, State]] = {state: {} for state in State}
-for (_state, _event), _target in TRANSITIONS.items():
-    _NEXT[_state][_event] = _target
+def _on(event: str) -> dict[State, State]:
+    return {state: target for (state, e), target in TRANSITIONS.items() if e == event}
+
+
+#: :data:`TRANSITIONS` seen one event at a time, for the context's hot paths:
+#: ``ON_EXIT.get(state) or transition(state, "exit")`` takes the step the table allows
+#: with one look-up and no call, and leaves refusals to :func:`transition` (which
+#: raises). The table decides either way; these views are derived from it.
+ON_ENTER = _on("enter")
+ON_SETUP_DONE = _on("setup_done")
+ON_SETUP_FAILED = _on("setup_failed")
+ON_EXIT = _on("exit")
+ON_MIDDLEWARE_DONE = _on("middleware_done")
+ON_RESOURCES_DONE = _on("resources_done")
 
 
 def transition(state: State, event: str) -> State:
     """Return the state after ``event``; :class:`ContextStateError` if the table forbids it."""
-    target = _NEXT[state].get(event)
+    target = TRANSITIONS.get((state, event))
     if target is not None:
         return target
     advice = _ADVICE.get((state, event))
