@@ -177,6 +177,10 @@ def redact_meta(meta: Meta | Mapping[str, Any], allow: Iterable[str]) -> dict[st
 
 
 _LEVEL_CACHE: dict[tuple[Any, int], bool] = {}
+#: The structlog wrapper class last found to filter INFO out (a filtering bound logger,
+#: whose level is fixed in the class): while it is configured, a context that has no
+#: provider to record to is idle, decided without a call (Telemetry.start).
+_INFO_FILTERED_BY: Any = object()
 #: structlog's configuration object (mutated in place by ``structlog.configure``).
 _STRUCTLOG_CONFIG: Any = getattr(structlog._config, "_CONFIG", None)
 if not hasattr(_STRUCTLOG_CONFIG, "is_configured"):  # structlog's internals moved
@@ -212,6 +216,9 @@ def _level_enabled(level: int) -> bool:
             answer = True
     if len(_LEVEL_CACHE) < 256:
         _LEVEL_CACHE[key] = answer
+    if level == logging.INFO and not answer:
+        global _INFO_FILTERED_BY
+        _INFO_FILTERED_BY = wrapper
     return answer
 
 
@@ -743,7 +750,14 @@ class Telemetry:
             and _DEFAULT_METER_PROVIDER is None
             and trace._TRACER_PROVIDER is None
             and _metrics_internal._METER_PROVIDER is None
-            and not _level_enabled(logging.INFO)
+            and (
+                (  # structlog still configured with the class known to filter INFO out
+                    (config := _STRUCTLOG_CONFIG) is not None
+                    and config.is_configured
+                    and config.default_wrapper_class is _INFO_FILTERED_BY
+                )
+                or not _level_enabled(logging.INFO)
+            )
         ):
             return None  # the idle path: no provider anywhere, INFO filtered out
         else:

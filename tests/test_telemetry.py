@@ -579,3 +579,36 @@ def test_canonical_line_follows_structlog_reconfiguration() -> None:
     assert lines[0]["context_id"] != lines[1]["context_id"]
     later = [json.loads(line) for line in second.getvalue().splitlines()]
     assert [e["event"] for e in later] == ["polydatum.context"]  # WARNING: no line
+
+
+def test_idle_contexts_start_recording_when_structlog_lets_info_through() -> None:
+    """The idle decision remembers the wrapper class that filters INFO out, no more:
+    quiet, then INFO, then quiet again gives exactly one canonical line."""
+    import io
+    import json
+    import logging
+
+    import structlog
+
+    from polydatum.telemetry import configure_logging
+
+    out = io.StringIO()
+    dm = DataManager()
+    try:
+        configure_logging(json_output=True, level=logging.WARNING, stream=out)
+        for _ in range(2):  # the second context takes the remembered, call-free decision
+            with dm.context() as ctx:
+                assert ctx._telemetry is None
+        configure_logging(json_output=True, level=logging.INFO, stream=out)
+        with dm.context() as ctx:
+            assert ctx._telemetry is not None
+            recorded_id = ctx.id
+        configure_logging(json_output=True, level=logging.WARNING, stream=out)
+        with dm.context() as ctx:
+            assert ctx._telemetry is None
+    finally:
+        structlog.reset_defaults()
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [(e["event"], e["level"], e["context_id"]) for e in lines] == [
+        ("polydatum.context", "info", recorded_id)
+    ]
