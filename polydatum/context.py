@@ -51,6 +51,7 @@ from polydatum.lifecycle import (
     aclose_quietly,
     adrive,
     after_middleware_teardown,
+    as_record,
     callable_name,
     classify,
     close_quietly,
@@ -135,7 +136,11 @@ class _ResourceAttribute:
     def __get__(self, ctx: DataAccessContext | None, owner: type | None = None) -> Any:
         if ctx is None:
             return self
-        return ctx._c.attribute(self.name)
+        c = ctx._c
+        name = self.name
+        if c._telemetry is None and name not in c._resources:  # first use, nothing records
+            return c._create_idle(name)
+        return c.attribute(name)
 
 
 def context_class_for(base: type[DataAccessContext], resources: Iterable[str]) -> type[Any]:
@@ -175,8 +180,9 @@ class _Lifecycle:
         self.data_manager = data_manager
         self._state = State.CREATED
         self._resources: dict[str, Any] = {}
-        self._resource_stack: list[GeneratorRecord] = []
-        self._middleware_stack: list[GeneratorRecord] = []
+        # GeneratorRecords, or (on the idle path) plain tuples of the same fields.
+        self._resource_stack: list[tuple[Any, ...]] = []
+        self._middleware_stack: list[tuple[Any, ...]] = []
         self._resource_exit_errors: list[ExcInfo] = []
         self._creating: set[str] = set()
         self._shortcuts: list[str] = []
@@ -268,10 +274,10 @@ class _Lifecycle:
         finally:
             self._creating.discard(name)
         # _keep_resource, inlined: this runs for every lazy resource of every context.
+        # The record is a plain tuple (a GeneratorRecord's fields, built in one step);
+        # the paths that need its named fields wrap it (see as_record).
         self._resources[name] = value
-        self._resource_stack.append(
-            GeneratorRecord(("resource", name, position, gen, False, factory, cv))
-        )
+        self._resource_stack.append(("resource", name, position, gen, False, factory, cv))
         shortcuts = self.ctx.__dict__
         if name not in shortcuts and name not in self._class_attributes:
             shortcuts[name] = value
@@ -307,9 +313,20 @@ class _Lifecycle:
     def enter(self) -> Any:
         self._begin(is_async=False)
         try:
-            middleware_chain = self.data_manager.get_middleware(self.ctx)
-            if self._telemetry is None:
-                self._setup_idle(middleware_chain)
+            ctx = self.ctx
+            middleware_chain = self.data_manager.get_middleware(ctx)
+            if self._telemetry is None:  # nothing records: one flat loop, no step records
+                stack = self._middleware_stack
+                for position, middleware in enumerate(middleware_chain):
+                    gen = middleware(ctx)
+                    if type(gen) is not GeneratorType:
+                        self._start_middleware(position, middleware, gen)  # raises the error
+                    cv = copy_context()
+                    if cv.run(next, gen, FINISHED) is FINISHED:
+                        raise MiddlewareSetupException(
+                            f"Middleware {callable_name(middleware)} did not yield on setup."
+                        )
+                    stack.append(("middleware", None, position, gen, False, middleware, cv))
             else:
                 telemetry = self._telemetry
                 stack = self._middleware_stack
@@ -331,21 +348,9 @@ class _Lifecycle:
             if isinstance(final, TeardownErrors):
                 raise final from final.__cause__  # the error the setup ended with
             raise final from error  # a middleware replaced the setup error
-        self._state = ON_SETUP_DONE.get(self._state) or transition(self._state, "setup_done")
+        state = self._state
+        self._state = ON_SETUP_DONE.get(state) or transition(state, "setup_done")
         return self.ctx.dal if self._yields_dal else self.ctx
-
-    def _setup_idle(self, chain: list[Any]) -> None:
-        """Set middleware up when nothing records: one flat loop, no step records."""
-        stack = self._middleware_stack
-        for position, middleware in enumerate(chain):
-            gen = middleware(self.ctx)
-            if type(gen) is not GeneratorType:
-                rec, _ = self._start_middleware(position, middleware, gen)  # raises
-            cv = copy_context()
-            rec = GeneratorRecord(("middleware", None, position, gen, False, middleware, cv))
-            if cv.run(next, gen, FINISHED) is FINISHED:
-                raise MiddlewareSetupException(f"Middleware {rec.name} did not yield on setup.")
-            stack.append(rec)
 
     def exit(
         self,
@@ -353,7 +358,8 @@ class _Lifecycle:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
-        self._state = ON_EXIT.get(self._state) or transition(self._state, "exit")
+        state = self._state
+        self._state = ON_EXIT.get(state) or transition(state, "exit")
         if exc_type is not None and exc is None:
             exc = exc_type()
         idle = self._telemetry is None
@@ -373,7 +379,7 @@ class _Lifecycle:
         current = exc
         stack = self._middleware_stack
         while stack:
-            rec = stack.pop()
+            rec = as_record(stack.pop())
             scope = self._start_teardown(rec)
             outcome, value = rec.cv.run(step, rec.gen, current, scope)
             if outcome is Outcome.RETURNED:  # the usual case: finished, nothing in flight
@@ -385,7 +391,7 @@ class _Lifecycle:
         self._middleware_done(current)
         stack = self._resource_stack
         while stack:
-            rec = stack.pop()
+            rec = as_record(stack.pop())
             scope = self._start_teardown(rec)
             outcome, value = rec.cv.run(step, rec.gen, current, scope)
             if outcome is Outcome.RETURNED:
@@ -403,13 +409,14 @@ class _Lifecycle:
         stack = self._middleware_stack
         while stack:
             rec = stack.pop()
-            gen = rec.gen
+            gen = rec[3]
+            cv = rec[6]
             try:
                 if current is None:
-                    if rec.cv.run(next, gen, FINISHED) is FINISHED:
+                    if cv.run(next, gen, FINISHED) is FINISHED:
                         continue  # torn down cleanly (no StopIteration raised)
                 else:
-                    rec.cv.run(gen.throw, current)
+                    cv.run(gen.throw, current)
             except StopIteration:
                 if current is not None:
                     current = after_middleware_teardown(current, Outcome.SUPPRESSED, None)
@@ -417,25 +424,31 @@ class _Lifecycle:
             except BaseException as raised:
                 current = after_middleware_teardown(current, classify(current, raised), raised)
                 continue
+            rec = as_record(rec)
             close_quietly(rec)
             current = after_middleware_teardown(current, Outcome.YIELDED, twice_yielded(rec))
-        self._middleware_done(current)
+        state = self._state
+        self._state = ON_MIDDLEWARE_DONE.get(state) or transition(state, "middleware_done")
+        if self._has_hooks:
+            self._teardown_hook(current)
         stack = self._resource_stack
         while stack:
             rec = stack.pop()
-            gen = rec.gen
+            gen = rec[3]
+            cv = rec[6]
             try:
                 if current is None:
-                    if rec.cv.run(next, gen, FINISHED) is FINISHED:
+                    if cv.run(next, gen, FINISHED) is FINISHED:
                         continue
                 else:
-                    rec.cv.run(gen.throw, current)
+                    cv.run(gen.throw, current)
             except StopIteration:
                 continue
             except BaseException as raised:
                 if raised is not current and classify(current, raised) is Outcome.RAISED:
-                    self._record_teardown_error(rec.name, raised)
+                    self._record_teardown_error(as_record(rec).name, raised)
                 continue
+            rec = as_record(rec)
             close_quietly(rec)
             self._record_teardown_error(rec.name, twice_yielded(rec))
         return self._end(exc, current, setup_failed)
@@ -484,7 +497,7 @@ class _Lifecycle:
         current = exc
         stack = self._middleware_stack
         while stack:
-            rec = stack.pop()
+            rec = as_record(stack.pop())
             scope = None if self._telemetry is None else self._start_teardown(rec)
             outcome, value = await adrive(rec, current, scope)
             if outcome is Outcome.YIELDED:
@@ -493,7 +506,7 @@ class _Lifecycle:
         self._middleware_done(current)
         stack = self._resource_stack
         while stack:
-            rec = stack.pop()
+            rec = as_record(stack.pop())
             scope = None if self._telemetry is None else self._start_teardown(rec)
             outcome, value = await adrive(rec, current, scope)
             if outcome is Outcome.YIELDED:
@@ -505,26 +518,30 @@ class _Lifecycle:
 
     def _middleware_done(self, current: BaseException | None) -> None:
         """Between the phases: 0.9.1's teardown hook runs before resources tear down."""
-        self._state = ON_MIDDLEWARE_DONE.get(self._state) or transition(
-            self._state, "middleware_done"
-        )
+        state = self._state
+        self._state = ON_MIDDLEWARE_DONE.get(state) or transition(state, "middleware_done")
         if self._has_hooks:
-            try:
-                self.ctx._teardown_hook(current)
-            except Exception as error:  # recorded like a resource exit error, as in 0.9.1
-                self._record_teardown_error("_teardown_hook", error)
+            self._teardown_hook(current)
+
+    def _teardown_hook(self, current: BaseException | None) -> None:
+        try:
+            self.ctx._teardown_hook(current)
+        except Exception as error:  # recorded like a resource exit error, as in 0.9.1
+            self._record_teardown_error("_teardown_hook", error)
 
     def _begin(self, is_async: bool) -> None:
-        self._state = ON_ENTER.get(self._state) or transition(self._state, "enter")
+        state = self._state
+        self._state = ON_ENTER.get(state) or transition(state, "enter")
         if is_async:
             self._is_async = True
-        self._token = _active.set(self.ctx)
+        ctx = self.ctx
+        self._token = _active.set(ctx)
         _OPEN.add(self)
         if not _exit_report_registered:
             _register_exit_report()
-        self._telemetry = self.data_manager._telemetry.start(self.ctx)  # opens the context span
+        self._telemetry = self.data_manager._telemetry.start(ctx)  # opens the context span
         if self._has_hooks:
-            self.ctx._setup_hook()
+            ctx._setup_hook()
 
     def _end(
         self, exc: BaseException | None, final: BaseException | None, setup_failed: bool
@@ -536,13 +553,13 @@ class _Lifecycle:
         """
         if setup_failed and final is None:
             final = exc
-        if self._shortcuts:
+        names = self._shortcuts
+        if names:
             shortcuts = self.ctx.__dict__
-            for name in self._shortcuts:
+            for name in names:
                 shortcuts.pop(name, None)
-        self._state = ON_RESOURCES_DONE.get(self._state) or transition(
-            self._state, "resources_done"
-        )
+        state = self._state
+        self._state = ON_RESOURCES_DONE.get(state) or transition(state, "resources_done")
         if self._resource_exit_errors and self.data_manager.teardown_errors == "raise":
             # An ExceptionGroup holds Exceptions only: BaseExceptions (KeyboardInterrupt)
             # a resource raised at teardown stay recorded, as under the "record" policy.
@@ -553,10 +570,10 @@ class _Lifecycle:
                 )
                 group.__cause__ = final
                 final = group
-        suppressed = exc if exc is not None and final is None else None
+        telemetry = self._telemetry
         try:
-            if self._telemetry is not None:
-                self._telemetry.finish(final, suppressed)
+            if telemetry is not None:
+                telemetry.finish(final, exc if exc is not None and final is None else None)
                 self._telemetry = None
         finally:
             if self._has_hooks:

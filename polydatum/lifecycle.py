@@ -198,6 +198,13 @@ class GeneratorRecord(tuple[Any, ...]):
         return name if name is not None else callable_name(self[5])
 
 
+def as_record(rec: tuple[Any, ...]) -> GeneratorRecord:
+    """``rec`` as a :class:`GeneratorRecord`: the idle path keeps its records as plain
+    tuples of the same fields (built in one step) and wraps them only when a name or
+    a field by name is needed (an error, an async teardown)."""
+    return rec if type(rec) is GeneratorRecord else GeneratorRecord(rec)
+
+
 def classify(exc: BaseException | None, raised: BaseException) -> Outcome:
     """PROPAGATED when ``raised`` is the exception thrown in (``exc``), else RAISED."""
     if raised is exc:
