@@ -252,7 +252,7 @@ class DataAccessLayer:
                 resolved = None  # middleware may still handle it; the resolver raises otherwise
         if resolved is not None and self._direct and not resolved.is_async:
             if command is not None:  # next time the command calls the method itself
-                command._fast = (self._valid, resolved.service, resolved.method, resolved)
+                command._fast = (self._valid, resolved)
             method = getattr(resolved.service, resolved.method)
             telemetry = ctx._c._telemetry
             if telemetry is None:
@@ -349,9 +349,9 @@ class _DalPath(DalCommand):
     """
 
     __slots__ = ("__dict__", "_fast")
-    #: ``(valid cell, service, method name, resolution)`` once resolved with no method
-    #: middleware in the way; used while ``cell[0]`` (see ``DataAccessLayer._bump``).
-    _fast: tuple[list[bool], Service, str, Resolved] | None
+    #: ``(valid cell, resolution)`` once resolved with no method middleware in the
+    #: way; used while ``cell[0]`` (see ``DataAccessLayer._bump``).
+    _fast: tuple[list[bool], Resolved] | None
 
     @classmethod
     def _from_names(cls, handler: Callable[..., Any], names: tuple[str, ...]) -> DalCommand:
@@ -376,13 +376,13 @@ class _DalPath(DalCommand):
             # call span when the context records.
             ctx = _active.get()
             if ctx is not None:
-                _, service, method, target = fast
+                target = fast[1]
                 telemetry = ctx._c._telemetry
                 if telemetry is None:
-                    return getattr(service, method)(*args, **kwargs)
+                    return getattr(target.service, target.method)(*args, **kwargs)
                 step = telemetry.call_started(target.path, target.function)
                 try:
-                    result = getattr(service, method)(*args, **kwargs)
+                    result = getattr(target.service, target.method)(*args, **kwargs)
                 except BaseException as error:
                     telemetry.call_finished(step, error)
                     raise
