@@ -72,7 +72,10 @@ ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
 
 _EMPTY_META = Meta()
 
-_active: ContextVar[DataAccessContext | None] = ContextVar("polydatum_active_context", default=None)
+#: The lifecycle of the context active in this thread / task (its ``ctx`` is the
+#: context users see). The lifecycle rather than the context: the DAL reads its
+#: telemetry on every call, and the lifecycle's attributes are the fast ones.
+_active: ContextVar[_Lifecycle | None] = ContextVar("polydatum_active_context", default=None)
 
 
 #: Contexts entered and not yet exited, in any thread or task (for the exit report).
@@ -108,7 +111,8 @@ def _report_open_contexts() -> None:
 
 def get_active_context() -> DataAccessContext | None:
     """The context active in this thread / asyncio task, or ``None``."""
-    return _active.get()
+    c = _active.get()
+    return None if c is None else c.ctx
 
 
 def _register_exit_report() -> None:
@@ -138,9 +142,11 @@ class _ResourceAttribute:
             return self
         c = ctx._c
         name = self.name
-        if c._telemetry is None and name not in c._resources:  # first use, nothing records
-            return c._create_idle(name)
-        return c.attribute(name)
+        if name not in c._resources:  # first use: create it
+            if c._telemetry is None:  # nothing records
+                return c._create_idle(name)
+            return c.attribute(name)
+        return c.reread(name)
 
 
 def context_class_for(base: type[DataAccessContext], resources: Iterable[str]) -> type[Any]:
@@ -185,9 +191,9 @@ class _Lifecycle:
         self._middleware_stack: list[tuple[Any, ...]] = []
         self._resource_exit_errors: list[ExcInfo] = []
         self._creating: set[str] = set()
-        self._shortcuts: list[str] = []
+        self._shortcuts: list[str] | None = None  # names cached in ctx.__dict__
         self._telemetry: ContextTelemetry | None = None
-        self._token: Token[DataAccessContext | None] | None = None
+        self._token: Token[_Lifecycle | None] | None = None
         self._id: str | None = None
         self._is_async = False
         self._yields_dal = False  # set by DataManager.dal(): entering yields the DAL
@@ -218,7 +224,25 @@ class _Lifecycle:
             if self._telemetry is None:
                 return self._create_idle(name)
             return self._create_slow(name)
-        return self.resource(name)
+        return self.reread(name)
+
+    def reread(self, name: str) -> Any:
+        """``ctx.<name>`` for a resource read before: cache it in the context's
+        ``__dict__``, so that later reads skip the descriptor (or ``__getattr__``).
+
+        Done on the second read rather than at creation: most resources of a short
+        request are read once, and each cached name is removed again at exit (after
+        which ``ctx.<name>`` must raise the state error).
+        """
+        value = self.resource(name)  # the state check
+        shortcuts = self.ctx.__dict__
+        if name not in shortcuts and name not in self._class_attributes:
+            shortcuts[name] = value
+            if self._shortcuts is None:
+                self._shortcuts = [name]
+            else:
+                self._shortcuts.append(name)
+        return value
 
     def resource(self, name: str) -> Any:
         """Return resource ``name``, creating it on first use (sync resources only)."""
@@ -278,10 +302,6 @@ class _Lifecycle:
         # the paths that need its named fields wrap it (see as_record).
         self._resources[name] = value
         self._resource_stack.append(("resource", name, position, gen, False, factory, cv))
-        shortcuts = self.ctx.__dict__
-        if name not in shortcuts and name not in self._class_attributes:
-            shortcuts[name] = value
-            self._shortcuts.append(name)
         return value
 
     def _create_slow(self, name: str, gen: Any = None) -> Any:
@@ -302,11 +322,6 @@ class _Lifecycle:
     def _keep_resource(self, name: str, rec: GeneratorRecord, value: Any) -> None:
         self._resources[name] = value
         self._resource_stack.append(rec)
-        # Later reads of ctx.<name> skip __getattr__; removed again at exit.
-        shortcuts = self.ctx.__dict__
-        if name not in shortcuts and name not in self._class_attributes:
-            shortcuts[name] = value
-            self._shortcuts.append(name)
 
     # ------------------------------------------------------------------ sync enter/exit
 
@@ -535,7 +550,7 @@ class _Lifecycle:
         if is_async:
             self._is_async = True
         ctx = self.ctx
-        self._token = _active.set(ctx)
+        self._token = _active.set(self)
         _OPEN.add(self)
         if not _exit_report_registered:
             _register_exit_report()

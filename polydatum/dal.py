@@ -241,8 +241,8 @@ class DataAccessLayer:
         path: tuple[PathSegment, ...] | None = None,
         command: _DalPath | None = None,
     ) -> Any:
-        ctx = _active.get()
-        if ctx is None:
+        c = _active.get()
+        if c is None:
             raise _no_context()
         resolved = self._resolved.get(names)
         if resolved is None:
@@ -254,7 +254,7 @@ class DataAccessLayer:
             if command is not None:  # next time the command calls the method itself
                 command._fast = (self._valid, resolved)
             method = getattr(resolved.service, resolved.method)
-            telemetry = ctx._c._telemetry
+            telemetry = c._telemetry
             if telemetry is None:
                 return method(*args, **kwargs)
             step = telemetry.call_started(resolved.path, resolved.function)
@@ -267,13 +267,13 @@ class DataAccessLayer:
             return result
         if path is None:
             path = tuple(PathSegment(n) for n in names)
-        request = DalCommandRequest(ctx, path, args, kwargs)
+        request = DalCommandRequest(c.ctx, path, args, kwargs)
         if resolved is not None:
             request.dal_method = getattr(resolved.service, resolved.method)
             request._resolved_path = path
             if resolved.is_async:
                 return self._acall(request, resolved)
-        telemetry = ctx._c._telemetry
+        telemetry = c._telemetry
         if telemetry is None or resolved is None:
             return self._handler(request)
         step = telemetry.call_started(resolved.path, resolved.function)
@@ -374,10 +374,10 @@ class _DalPath(DalCommand):
             # Resolved before for this registration, no method middleware: call the
             # method directly (looked up every call: it may be patched), in a service
             # call span when the context records.
-            ctx = _active.get()
-            if ctx is not None:
+            c = _active.get()
+            if c is not None:
                 target = fast[1]
-                telemetry = ctx._c._telemetry
+                telemetry = c._telemetry
                 if telemetry is None:
                     return getattr(target.service, target.method)(*args, **kwargs)
                 step = telemetry.call_started(target.path, target.function)

@@ -60,10 +60,10 @@ class Service:
     @property
     def _ctx(self) -> DataAccessContext:
         """The active context; ``RuntimeError`` when none is active."""
-        ctx = _active.get()
-        if ctx is None:
+        c = _active.get()
+        if c is None:
             raise NoActiveContextError(
                 f"{type(self).__name__}._ctx used with no context active; call services "
                 f"inside `with dm.context():` (or `with dm.dal() as dal:`)."
             )
-        return ctx
+        return c.ctx

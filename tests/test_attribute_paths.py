@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from polydatum import DataAccessContext, DataManager, Service
+from polydatum import DataAccessContext, DataManager, Service, get_active_context
 from polydatum.errors import ContextStateError, ValidationError
 
 
@@ -126,3 +126,18 @@ def test_an_exited_context_is_freed_without_the_garbage_collector() -> None:
         assert lifecycle() is None
     finally:
         gc.enable()
+
+
+def test_a_resource_read_twice_is_cached_on_the_context_until_exit() -> None:
+    dm = DataManager()
+    dm.register_resources(db=db)
+    with dm.context() as ctx:
+        assert ctx.db == "handle"
+        assert "db" not in vars(ctx)  # read once: nothing cached (most are read once)
+        assert ctx.db == "handle"
+        assert vars(ctx)["db"] == "handle"  # read again: later reads skip the descriptor
+        assert get_active_context() is ctx
+    assert "db" not in vars(ctx)
+    assert get_active_context() is None
+    with pytest.raises(ContextStateError, match="resources can only be used while the context"):
+        ctx.db
