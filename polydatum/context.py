@@ -72,6 +72,18 @@ ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
 
 _EMPTY_META = Meta()
 
+
+class _Creating:
+    """The value of a resource in ``_resources`` while its setup runs (cycle detection)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<resource being set up>"
+
+
+_CREATING: Any = _Creating()
+
 #: The lifecycle of the context active in this thread / task (its ``ctx`` is the
 #: context users see). The lifecycle rather than the context: the DAL reads its
 #: telemetry on every call, and the lifecycle's attributes are the fast ones.
@@ -190,16 +202,13 @@ class _Lifecycle:
         self._resource_stack: list[tuple[Any, ...]] = []
         self._middleware_stack: list[tuple[Any, ...]] = []
         self._resource_exit_errors: list[ExcInfo] = []
-        self._creating: set[str] = set()
         self._shortcuts: list[str] | None = None  # names cached in ctx.__dict__
         self._telemetry: ContextTelemetry | None = None
         self._token: Token[_Lifecycle | None] | None = None
         self._id: str | None = None
         self._is_async = False
         self._yields_dal = False  # set by DataManager.dal(): entering yields the DAL
-        klass = type(ctx)
-        self._has_hooks = klass._has_hooks
-        self._class_attributes = klass._class_attributes
+        self._has_hooks = type(ctx)._has_hooks
 
     @property
     def id(self) -> str:
@@ -236,7 +245,7 @@ class _Lifecycle:
         """
         value = self.resource(name)  # the state check
         shortcuts = self.ctx.__dict__
-        if name not in shortcuts and name not in self._class_attributes:
+        if name not in shortcuts and name not in type(self.ctx)._class_attributes:
             shortcuts[name] = value
             if self._shortcuts is None:
                 self._shortcuts = [name]
@@ -250,9 +259,13 @@ class _Lifecycle:
         if state not in RESOURCE_USE_STATES:
             raise ContextStateError(self._resource_state_message(name))
         try:
-            return self._resources[name]
+            value = self._resources[name]
         except KeyError:
             pass
+        else:
+            if value is _CREATING:
+                raise self._cycle(name)
+            return value
         if self._telemetry is None:
             return self._create_idle(name)
         return self._create_slow(name)
@@ -263,15 +276,26 @@ class _Lifecycle:
         if state not in RESOURCE_USE_STATES:
             raise ContextStateError(self._resource_state_message(name))
         try:
-            return self._resources[name]
+            value = self._resources[name]
         except KeyError:
             pass
+        else:
+            if value is _CREATING:
+                raise self._cycle(name)
+            return value
         rec, scope = self._start_resource(name)
         try:
             outcome, value = await adrive(rec, None, scope)
         finally:
-            self._creating.discard(name)
+            del self._resources[name]  # _CREATING; the value is kept below
         return self._finish_resource(rec, scope, outcome, value)
+
+    @staticmethod
+    def _cycle(name: str) -> ResourceException:
+        return ResourceException(
+            f"Resource {name!r} asked for itself while setting up (a cycle): a resource "
+            f"cannot use itself; set up what both need in a third resource."
+        )
 
     def _create_idle(self, name: str) -> Any:
         """Create a sync resource when nothing records: the same checks, no step records.
@@ -279,40 +303,42 @@ class _Lifecycle:
         Anything unusual (an async or non-generator factory) goes to the full path,
         which produces the error.
         """
-        if self._state not in RESOURCE_CREATE_STATES or name in self._creating:
+        if self._state not in RESOURCE_CREATE_STATES:
             return self._create_slow(name)
-        factory = self.data_manager._resource_manager._resources.get(name)
+        factory = self.data_manager._idle_factories.get(name)
         if factory is None:
             return self._create_slow(name)
-        self._creating.add(name)
+        resources = self._resources
+        resources[name] = _CREATING
         try:
             gen = factory(self.ctx)
             if type(gen) is not GeneratorType:
-                self._creating.discard(name)
+                del resources[name]
                 return self._create_slow(name, gen)
             position = len(self._resource_stack)
             cv = copy_context()
             value = cv.run(next, gen, FINISHED)
             if value is FINISHED:
                 raise ResourceSetupException(f"Resource {name} did not yield on setup.")
-        finally:
-            self._creating.discard(name)
+        except BaseException:
+            del resources[name]
+            raise
         # _keep_resource, inlined: this runs for every lazy resource of every context.
         # The record is a plain tuple (a GeneratorRecord's fields, built in one step);
         # the paths that need its named fields wrap it (see as_record).
-        self._resources[name] = value
+        resources[name] = value
         self._resource_stack.append(("resource", name, position, gen, False, factory, cv))
         return value
 
     def _create_slow(self, name: str, gen: Any = None) -> Any:
         rec, scope = self._start_resource(name, gen)
         if rec.is_async:
-            self._creating.discard(name)
+            del self._resources[name]  # _CREATING
             self._finish_resource(rec, scope, Outcome.RAISED, self._async_misuse(name))
         try:
             outcome, value = rec.cv.run(step, rec.gen, None, scope)
         finally:
-            self._creating.discard(name)
+            del self._resources[name]  # _CREATING; the value is kept below
         if outcome is Outcome.YIELDED and self._telemetry is not None:  # the usual case
             self._keep_resource(name, rec, value)
             self._telemetry.step_finished(scope, outcome, None, None)
@@ -692,10 +718,8 @@ class _Lifecycle:
                 f'No resource named "{name}" for context (registered: {known}). '
                 f"Register it with dm.register_resources({name}=...)."
             )
-        if name in self._creating:
-            raise ResourceException(
-                f"Resource {name!r} asked for itself while setting up (a cycle)."
-            )
+        if self._resources.get(name) is _CREATING:
+            raise self._cycle(name)
         telemetry = self._telemetry
         position = len(self._resource_stack)
         scope = None
@@ -722,7 +746,7 @@ class _Lifecycle:
             if telemetry is not None:
                 telemetry.step_finished(scope, Outcome.RAISED, problem, None)  # type: ignore[arg-type]
             raise problem
-        self._creating.add(name)
+        self._resources[name] = _CREATING  # until set up (see _cycle)
         return GeneratorRecord.new("resource", name, position, gen, is_async, factory), scope
 
     def _finish_resource(
@@ -846,7 +870,9 @@ class DataAccessContext:
 
     def __contains__(self, name: object) -> bool:
         """Whether the resource ``name`` has been created in this context."""
-        return name in self._c._resources
+        if not isinstance(name, str):
+            return False
+        return self._c._resources.get(name, _CREATING) is not _CREATING
 
     def __getattr__(self, name: str) -> Any:
         if name == "_c":  # not set yet: a subclass's __init__ reading attributes early

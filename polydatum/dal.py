@@ -445,6 +445,15 @@ class DataManager:
                 f"teardown_errors must be 'record' or 'raise', not {teardown_errors!r}"
             )
         self._resource_manager = resource_manager or ResourceManager(self)
+        # The registered factories, read directly when nothing customises the look-up
+        # (a context with nothing to record creates resources from here); otherwise
+        # empty, so that every resource goes through get_resource().
+        self._idle_factories: dict[str, Callable[..., Any]] = (
+            self._resource_manager._resources
+            if type(self).get_resource is DataManager.get_resource
+            and type(self._resource_manager).get is ResourceManager.get
+            else {}
+        )
         self._middleware: list[Any] = []
         self._telemetry = Telemetry(tracer_provider, meter_provider, meta_attributes)
         self.teardown_errors = teardown_errors

@@ -389,3 +389,98 @@ def test_context_id_is_stable_and_random() -> None:
     assert first.id != second.id
     assert len(first.id) == 16
     assert repr(first) == f"<DataAccessContext {first.id} created>"
+
+
+CYCLE = (
+    "Resource 'db' asked for itself while setting up (a cycle): a resource cannot use "
+    "itself; set up what both need in a third resource."
+)
+
+
+def _cyclic_data_manager(**options: Any) -> DataManager:
+    def db(ctx: DataAccessContext) -> Iterator[str]:
+        ctx.cache  # a resource used by another one's setup: fine
+        ctx.db
+        yield "db"
+
+    def cache(ctx: DataAccessContext) -> Iterator[str]:
+        yield "cache"
+
+    dm = DataManager(**options)
+    dm.register_resources(db=db, cache=cache)
+    return dm
+
+
+@pytest.mark.parametrize("traced", [False, True], ids=["idle", "traced"])
+def test_a_resource_asking_for_itself_is_a_cycle_error_and_leaves_no_trace(
+    traced: bool,
+) -> None:
+    from polydatum.errors import ResourceException
+    from polydatum.testing import TelemetryCapture
+
+    with TelemetryCapture() as capture:
+        options = (
+            {"tracer_provider": capture.tracer_provider, "meter_provider": capture.meter_provider}
+            if traced
+            else {}
+        )
+        dm = _cyclic_data_manager(**options)
+        with dm.context() as ctx:
+            with pytest.raises(ResourceException) as info:
+                ctx.db
+            assert str(info.value) == CYCLE
+            assert "db" not in ctx and "cache" in ctx
+            with pytest.raises(ResourceException, match="a cycle"):
+                ctx.resource("db")  # the same again: nothing was left half set up
+            assert ctx.cache == "cache"
+        assert ctx.state is State.EXITED
+        assert ctx.get_resource_exit_errors() == []
+        if traced:
+            # One failed setup span per attempt (the inner request fails before a span).
+            assert [
+                (s.name, s.status, s.attributes.get("error.type"))
+                for s in capture.spans()
+                if s.name.startswith("polydatum.resource.")
+            ] == [
+                ("polydatum.resource.setup db", "ERROR", "polydatum.errors.ResourceException"),
+                ("polydatum.resource.setup cache", "UNSET", None),
+                ("polydatum.resource.setup db", "ERROR", "polydatum.errors.ResourceException"),
+                ("polydatum.resource.teardown cache", "UNSET", None),
+            ]
+
+
+async def test_an_async_resource_asking_for_itself_is_a_cycle_error() -> None:
+    from polydatum.errors import ResourceException
+
+    async def db(ctx: DataAccessContext) -> Any:
+        await ctx.aresource("db")
+        yield "db"
+
+    dm = DataManager()
+    dm.register_resources(db=db)
+    async with dm.context() as ctx:
+        with pytest.raises(ResourceException) as info:
+            await ctx.aresource("db")
+        assert str(info.value) == CYCLE
+        assert "db" not in ctx
+    assert ctx.state is State.EXITED
+
+
+def test_a_data_manager_overriding_get_resource_is_honoured_when_nothing_records() -> None:
+    def db(ctx: DataAccessContext) -> Iterator[str]:
+        yield "registered"
+
+    def wrapped(ctx: DataAccessContext) -> Iterator[str]:
+        yield "from get_resource"
+
+    class Custom(DataManager):
+        def get_resource(self, name: str) -> Any:
+            return wrapped if name in ("db", "extra") else super().get_resource(name)
+
+    dm = Custom()
+    dm.register_resources(db=db)
+    with dm.context() as ctx:
+        assert ctx.db == "from get_resource"
+        assert ctx.extra == "from get_resource"  # not registered at all
+    with DataManager().context():
+        pass  # a plain DataManager reads its registry directly
