@@ -60,7 +60,7 @@ from polydatum.lifecycle import (
     transition,
     twice_yielded,
 )
-from polydatum.meta import Meta
+from polydatum.meta import Meta, meta_of
 
 if TYPE_CHECKING:
     from polydatum.dal import DataAccessLayer, DataManager
@@ -844,7 +844,7 @@ class DataAccessContext:
         if isinstance(meta, Meta):
             self.meta = meta
         else:
-            self.meta = Meta(meta) if meta else _EMPTY_META  # read-only: safe to share
+            self.meta = meta_of(meta) if meta else _EMPTY_META  # read-only: safe to share
         self._c = _Lifecycle(self, data_manager)
 
     # ----------------------------------------------------------------- public API

@@ -62,3 +62,17 @@ class Meta:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self}>"
+
+
+_new = object.__new__
+_set_values = Meta._values.__set__  # type: ignore[attr-defined]
+
+
+def meta_of(opts: Mapping[str, Any]) -> Meta:
+    """``Meta(opts)`` for a non-empty mapping, without the generic instance-creation
+    path (``type.__call__`` looking up and calling ``__init__``, which then calls
+    ``object.__setattr__``): a context builds one per request."""
+    meta: Meta = _new(Meta)
+    _set_values(meta, dict(opts))
+    return meta
+
