@@ -72,6 +72,16 @@ ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
 
 _EMPTY_META = Meta()
 
+# The per-event views' look-ups, bound once. CPython 3.11 compiles a method call on an
+# imported name (``ON_EXIT.get(state)``) as an attribute load followed by a call, which
+# builds and frees a bound-method object every time; a module-level alias avoids that.
+_after_enter = ON_ENTER.get
+_after_setup_done = ON_SETUP_DONE.get
+_after_setup_failed = ON_SETUP_FAILED.get
+_after_exit = ON_EXIT.get
+_after_middleware_done = ON_MIDDLEWARE_DONE.get
+_after_resources_done = ON_RESOURCES_DONE.get
+
 
 class _Creating:
     """The value of a resource in ``_resources`` while its setup runs (cycle detection)."""
@@ -88,6 +98,8 @@ _CREATING: Any = _Creating()
 #: context users see). The lifecycle rather than the context: the DAL reads its
 #: telemetry on every call, and the lifecycle's attributes are the fast ones.
 _active: ContextVar[_Lifecycle | None] = ContextVar("polydatum_active_context", default=None)
+#: ``_active.get``, bound once for the modules that import it (see ``_after_enter``).
+_active_lifecycle = _active.get
 
 
 #: Contexts entered and not yet exited, in any thread or task (for the exit report).
@@ -380,7 +392,7 @@ class _Lifecycle:
                     else:
                         self._finish_middleware_setup(rec, scope, outcome, value)
         except BaseException as error:
-            self._state = ON_SETUP_FAILED.get(self._state) or transition(
+            self._state = _after_setup_failed(self._state) or transition(
                 self._state, "setup_failed"
             )
             final = self._teardown(error, setup_failed=True)
@@ -390,7 +402,7 @@ class _Lifecycle:
                 raise final from final.__cause__  # the error the setup ended with
             raise final from error  # a middleware replaced the setup error
         state = self._state
-        self._state = ON_SETUP_DONE.get(state) or transition(state, "setup_done")
+        self._state = _after_setup_done(state) or transition(state, "setup_done")
         return self.ctx.dal if self._yields_dal else self.ctx
 
     def exit(
@@ -400,7 +412,7 @@ class _Lifecycle:
         tb: TracebackType | None,
     ) -> bool:
         state = self._state
-        self._state = ON_EXIT.get(state) or transition(state, "exit")
+        self._state = _after_exit(state) or transition(state, "exit")
         if exc_type is not None and exc is None:
             exc = exc_type()
         idle = self._telemetry is None
@@ -469,7 +481,7 @@ class _Lifecycle:
             close_quietly(rec)
             current = after_middleware_teardown(current, Outcome.YIELDED, twice_yielded(rec))
         state = self._state
-        self._state = ON_MIDDLEWARE_DONE.get(state) or transition(state, "middleware_done")
+        self._state = _after_middleware_done(state) or transition(state, "middleware_done")
         if self._has_hooks:
             self._teardown_hook(current)
         stack = self._resource_stack
@@ -504,7 +516,7 @@ class _Lifecycle:
                 outcome, value = await adrive(rec, None, scope)
                 self._finish_middleware_setup(rec, scope, outcome, value)
         except BaseException as error:
-            self._state = ON_SETUP_FAILED.get(self._state) or transition(
+            self._state = _after_setup_failed(self._state) or transition(
                 self._state, "setup_failed"
             )
             final = await self._ateardown(error, setup_failed=True)
@@ -513,7 +525,7 @@ class _Lifecycle:
             if isinstance(final, TeardownErrors):
                 raise final from final.__cause__  # the error the setup ended with
             raise final from error  # a middleware replaced the setup error
-        self._state = ON_SETUP_DONE.get(self._state) or transition(self._state, "setup_done")
+        self._state = _after_setup_done(self._state) or transition(self._state, "setup_done")
         return self.ctx.dal if self._yields_dal else self.ctx
 
     async def aexit(
@@ -522,7 +534,7 @@ class _Lifecycle:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
-        self._state = ON_EXIT.get(self._state) or transition(self._state, "exit")
+        self._state = _after_exit(self._state) or transition(self._state, "exit")
         if exc_type is not None and exc is None:
             exc = exc_type()
         final = await self._ateardown(exc)
@@ -560,7 +572,7 @@ class _Lifecycle:
     def _middleware_done(self, current: BaseException | None) -> None:
         """Between the phases: 0.9.1's teardown hook runs before resources tear down."""
         state = self._state
-        self._state = ON_MIDDLEWARE_DONE.get(state) or transition(state, "middleware_done")
+        self._state = _after_middleware_done(state) or transition(state, "middleware_done")
         if self._has_hooks:
             self._teardown_hook(current)
 
@@ -572,7 +584,7 @@ class _Lifecycle:
 
     def _begin(self, is_async: bool) -> None:
         state = self._state
-        self._state = ON_ENTER.get(state) or transition(state, "enter")
+        self._state = _after_enter(state) or transition(state, "enter")
         if is_async:
             self._is_async = True
         ctx = self.ctx
@@ -600,7 +612,7 @@ class _Lifecycle:
             for name in names:
                 shortcuts.pop(name, None)
         state = self._state
-        self._state = ON_RESOURCES_DONE.get(state) or transition(state, "resources_done")
+        self._state = _after_resources_done(state) or transition(state, "resources_done")
         if self._resource_exit_errors and self.data_manager.teardown_errors == "raise":
             # An ExceptionGroup holds Exceptions only: BaseExceptions (KeyboardInterrupt)
             # a resource raised at teardown stay recorded, as under the "record" policy.

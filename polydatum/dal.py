@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from polydatum.context import (
     DataAccessContext,
-    _active,
+    _active_lifecycle,
     add_resource_attribute,
     context_class_for,
     get_active_context,
@@ -72,7 +72,7 @@ class _ServiceAttribute:
         if dal is None:
             return self
         command = self.command
-        if command is None or _active.get() is None:  # the latter raises, as 0.9.1 did
+        if command is None or _active_lifecycle() is None:  # the latter raises, as 0.9.1 did
             command = self.command = dal._command(self.name)
         return command
 
@@ -241,7 +241,7 @@ class DataAccessLayer:
         path: tuple[PathSegment, ...] | None = None,
         command: _DalPath | None = None,
     ) -> Any:
-        c = _active.get()
+        c = _active_lifecycle()
         if c is None:
             raise _no_context()
         resolved = self._resolved.get(names)
@@ -305,7 +305,7 @@ class DataAccessLayer:
 
     def _command(self, name: str) -> DalCommand:
         """The command for ``dal.<name>``; ``dal.<name>`` needs an active context (0.9.1)."""
-        if _active.get() is None:
+        if _active_lifecycle() is None:
             raise _no_context()
         # Commands are immutable: the DAL hands out one per name (bounded), so that
         # ``dal.users.get(7)`` allocates no command objects on the hot path.
@@ -374,7 +374,7 @@ class _DalPath(DalCommand):
             # Resolved before for this registration, no method middleware: call the
             # method directly (looked up every call: it may be patched), in a service
             # call span when the context records.
-            c = _active.get()
+            c = _active_lifecycle()
             if c is not None:
                 target = fast[1]
                 telemetry = c._telemetry

@@ -65,7 +65,7 @@ class Meta:
 
 
 _new = object.__new__
-_set_values = Meta._values.__set__  # type: ignore[attr-defined]
+_set_values = Meta._values.__set__  # type: ignore[misc, attr-defined]
 
 
 def meta_of(opts: Mapping[str, Any]) -> Meta:
@@ -75,4 +75,3 @@ def meta_of(opts: Mapping[str, Any]) -> Meta:
     meta: Meta = _new(Meta)
     _set_values(meta, dict(opts))
     return meta
-

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Self
 
-from polydatum.context import _active
+from polydatum.context import _active_lifecycle
 from polydatum.errors import AlreadyExistsException, NoActiveContextError
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ class Service:
     @property
     def _ctx(self) -> DataAccessContext:
         """The active context; ``RuntimeError`` when none is active."""
-        c = _active.get()
+        c = _active_lifecycle()
         if c is None:
             raise NoActiveContextError(
                 f"{type(self).__name__}._ctx used with no context active; call services "
