@@ -213,7 +213,7 @@ class _Lifecycle:
         # GeneratorRecords, or (on the idle path) plain tuples of the same fields.
         self._resource_stack: list[tuple[Any, ...]] = []
         self._middleware_stack: list[tuple[Any, ...]] = []
-        self._resource_exit_errors: list[ExcInfo] = []
+        self._resource_exit_errors: list[ExcInfo] | None = None  # made on the first
         self._shortcuts: list[str] | None = None  # names cached in ctx.__dict__
         self._telemetry: ContextTelemetry | None = None
         self._token: Token[_Lifecycle | None] | None = None
@@ -236,6 +236,14 @@ class _Lifecycle:
 
     def __repr__(self) -> str:
         return f"<lifecycle of {self.ctx!r}>" if self.ctx is not None else "<lifecycle, exited>"
+
+    def exit_errors(self) -> list[ExcInfo]:
+        """The resource exit errors: one list per context, made when first needed (most
+        contexts never need one)."""
+        errors = self._resource_exit_errors
+        if errors is None:
+            errors = self._resource_exit_errors = []
+        return errors
 
     def attribute(self, name: str) -> Any:
         """``ctx.<name>`` when ``name`` is no attribute of the context: a resource."""
@@ -370,7 +378,8 @@ class _Lifecycle:
             middleware_chain = self.data_manager.get_middleware(ctx)
             if self._telemetry is None:  # nothing records: one flat loop, no step records
                 stack = self._middleware_stack
-                for position, middleware in enumerate(middleware_chain):
+                for middleware in middleware_chain:
+                    position = len(stack)  # each one set up is pushed: its index in the chain
                     gen = middleware(ctx)
                     if type(gen) is not GeneratorType:
                         self._start_middleware(position, middleware, gen)  # raises the error
@@ -613,13 +622,14 @@ class _Lifecycle:
                 shortcuts.pop(name, None)
         state = self._state
         self._state = _after_resources_done(state) or transition(state, "resources_done")
-        if self._resource_exit_errors and self.data_manager.teardown_errors == "raise":
+        exit_errors = self._resource_exit_errors
+        if exit_errors and self.data_manager.teardown_errors == "raise":
             # An ExceptionGroup holds Exceptions only: BaseExceptions (KeyboardInterrupt)
             # a resource raised at teardown stay recorded, as under the "record" policy.
-            grouped = [e for _, e, _ in self._resource_exit_errors if isinstance(e, Exception)]
+            grouped = [e for _, e, _ in exit_errors if isinstance(e, Exception)]
             if grouped:
                 group = TeardownErrors(
-                    f"{len(self._resource_exit_errors)} resource(s) failed to tear down", grouped
+                    f"{len(exit_errors)} resource(s) failed to tear down", grouped
                 )
                 group.__cause__ = final
                 final = group
@@ -817,7 +827,7 @@ class _Lifecycle:
             self._record_teardown_error(rec.name, error)
 
     def _record_teardown_error(self, resource: str, error: BaseException) -> None:
-        self._resource_exit_errors.append((type(error), error, error.__traceback__))
+        self.exit_errors().append((type(error), error, error.__traceback__))
         if self._telemetry is not None:
             self._telemetry.teardown_error(resource, error)
         else:
@@ -878,7 +888,7 @@ class DataAccessContext:
 
     def get_resource_exit_errors(self) -> list[ExcInfo]:
         """Errors resources raised while tearing down, as ``sys.exc_info()`` triples."""
-        return self._c._resource_exit_errors
+        return self._c.exit_errors()
 
     def __contains__(self, name: object) -> bool:
         """Whether the resource ``name`` has been created in this context."""

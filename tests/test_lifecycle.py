@@ -484,3 +484,21 @@ def test_a_data_manager_overriding_get_resource_is_honoured_when_nothing_records
         assert ctx.extra == "from get_resource"  # not registered at all
     with DataManager().context():
         pass  # a plain DataManager reads its registry directly
+
+
+def test_resource_exit_errors_is_one_list_per_context_even_read_before_any_error() -> None:
+    def bad(ctx: DataAccessContext) -> Iterator[str]:
+        yield "bad"
+        raise Boom("teardown")
+
+    dm = DataManager()
+    dm.register_resources(bad=bad)
+    with dm.context() as ctx:
+        errors = ctx.get_resource_exit_errors()
+        assert errors == []
+        ctx.bad
+    assert ctx.get_resource_exit_errors() is errors
+    assert [(kind, str(error)) for kind, error, _ in errors] == [(Boom, "teardown")]
+    with dm.context() as clean:
+        pass
+    assert clean.get_resource_exit_errors() == []
