@@ -43,8 +43,13 @@ from polydatum.lifecycle import (
     ON_RESOURCES_DONE,
     ON_SETUP_DONE,
     ON_SETUP_FAILED,
+    PROPAGATED,
+    RAISED,
     RESOURCE_CREATE_STATES,
     RESOURCE_USE_STATES,
+    RETURNED,
+    SUPPRESSED,
+    YIELDED,
     GeneratorRecord,
     Outcome,
     State,
@@ -71,6 +76,7 @@ __all__ = ["DataAccessContext", "Meta", "get_active_context"]
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
 
 _EMPTY_META = Meta()
+_CREATED = State.CREATED  # see polydatum.lifecycle.YIELDED for why a constant
 
 # The per-event views' look-ups, bound once. CPython 3.11 compiles a method call on an
 # imported name (``ON_EXIT.get(state)``) as an attribute load followed by a call, which
@@ -208,7 +214,7 @@ class _Lifecycle:
     def __init__(self, ctx: DataAccessContext, data_manager: DataManager) -> None:
         self.ctx = ctx
         self.data_manager = data_manager
-        self._state = State.CREATED
+        self._state = _CREATED
         self._resources: dict[str, Any] = {}
         # GeneratorRecords, or (on the idle path) plain tuples of the same fields.
         self._resource_stack: list[tuple[Any, ...]] = []
@@ -354,12 +360,12 @@ class _Lifecycle:
         rec, scope = self._start_resource(name, gen)
         if rec.is_async:
             del self._resources[name]  # _CREATING
-            self._finish_resource(rec, scope, Outcome.RAISED, self._async_misuse(name))
+            self._finish_resource(rec, scope, RAISED, self._async_misuse(name))
         try:
             outcome, value = rec.cv.run(step, rec.gen, None, scope)
         finally:
             del self._resources[name]  # _CREATING; the value is kept below
-        if outcome is Outcome.YIELDED and self._telemetry is not None:  # the usual case
+        if outcome is YIELDED and self._telemetry is not None:  # the usual case
             self._keep_resource(name, rec, value)
             self._telemetry.step_finished(scope, outcome, None, None)
             return value
@@ -395,7 +401,7 @@ class _Lifecycle:
                 for position, middleware in enumerate(middleware_chain):
                     rec, scope = self._start_middleware(position, middleware)
                     outcome, value = rec.cv.run(step, rec.gen, None, scope)
-                    if outcome is Outcome.YIELDED:  # set up: the usual case
+                    if outcome is YIELDED:  # set up: the usual case
                         stack.append(rec)
                         telemetry.step_finished(scope, outcome, None, None)
                     else:
@@ -444,10 +450,10 @@ class _Lifecycle:
             rec = as_record(stack.pop())
             scope = self._start_teardown(rec)
             outcome, value = rec.cv.run(step, rec.gen, current, scope)
-            if outcome is Outcome.RETURNED:  # the usual case: finished, nothing in flight
+            if outcome is RETURNED:  # the usual case: finished, nothing in flight
                 telemetry.step_finished(scope, outcome, None, current)
                 continue
-            if outcome is Outcome.YIELDED:
+            if outcome is YIELDED:
                 close_quietly(rec)
             current = self._finish_middleware_teardown(rec, scope, current, outcome, value)
         self._middleware_done(current)
@@ -456,10 +462,10 @@ class _Lifecycle:
             rec = as_record(stack.pop())
             scope = self._start_teardown(rec)
             outcome, value = rec.cv.run(step, rec.gen, current, scope)
-            if outcome is Outcome.RETURNED:
+            if outcome is RETURNED:
                 telemetry.step_finished(scope, outcome, None, current)
                 continue
-            if outcome is Outcome.YIELDED:
+            if outcome is YIELDED:
                 close_quietly(rec)
             self._finish_resource_teardown(rec, scope, current, outcome, value)
         return self._end(exc, current, setup_failed)
@@ -481,14 +487,14 @@ class _Lifecycle:
                     cv.run(gen.throw, current)
             except StopIteration:
                 if current is not None:
-                    current = after_middleware_teardown(current, Outcome.SUPPRESSED, None)
+                    current = after_middleware_teardown(current, SUPPRESSED, None)
                 continue
             except BaseException as raised:
                 current = after_middleware_teardown(current, classify(current, raised), raised)
                 continue
             rec = as_record(rec)
             close_quietly(rec)
-            current = after_middleware_teardown(current, Outcome.YIELDED, twice_yielded(rec))
+            current = after_middleware_teardown(current, YIELDED, twice_yielded(rec))
         state = self._state
         self._state = _after_middleware_done(state) or transition(state, "middleware_done")
         if self._has_hooks:
@@ -507,7 +513,7 @@ class _Lifecycle:
             except StopIteration:
                 continue
             except BaseException as raised:
-                if raised is not current and classify(current, raised) is Outcome.RAISED:
+                if raised is not current and classify(current, raised) is RAISED:
                     self._record_teardown_error(as_record(rec).name, raised)
                 continue
             rec = as_record(rec)
@@ -562,7 +568,7 @@ class _Lifecycle:
             rec = as_record(stack.pop())
             scope = None if self._telemetry is None else self._start_teardown(rec)
             outcome, value = await adrive(rec, current, scope)
-            if outcome is Outcome.YIELDED:
+            if outcome is YIELDED:
                 await aclose_quietly(rec)
             current = self._finish_middleware_teardown(rec, scope, current, outcome, value)
         self._middleware_done(current)
@@ -571,7 +577,7 @@ class _Lifecycle:
             rec = as_record(stack.pop())
             scope = None if self._telemetry is None else self._start_teardown(rec)
             outcome, value = await adrive(rec, current, scope)
-            if outcome is Outcome.YIELDED:
+            if outcome is YIELDED:
                 await aclose_quietly(rec)
             self._finish_resource_teardown(rec, scope, current, outcome, value)
         return self._end(exc, current, setup_failed)
@@ -670,7 +676,7 @@ class _Lifecycle:
                 gen = middleware(self.ctx)
         except BaseException as error:
             if telemetry is not None:
-                telemetry.step_finished(scope, Outcome.RAISED, error, None)  # type: ignore[arg-type]
+                telemetry.step_finished(scope, RAISED, error, None)  # type: ignore[arg-type]
             raise
         is_async = isinstance(gen, AsyncGeneratorType)
         rec = GeneratorRecord.new("middleware", name, position, gen, is_async, middleware)
@@ -687,7 +693,7 @@ class _Lifecycle:
             )
         if problem is not None:
             if telemetry is not None:
-                telemetry.step_finished(scope, Outcome.RAISED, problem, None)  # type: ignore[arg-type]
+                telemetry.step_finished(scope, RAISED, problem, None)  # type: ignore[arg-type]
             raise problem
         return rec, scope
 
@@ -695,9 +701,9 @@ class _Lifecycle:
         self, rec: GeneratorRecord, scope: Any, outcome: Outcome, value: Any
     ) -> None:
         error: BaseException | None = None
-        if outcome is Outcome.YIELDED:
+        if outcome is YIELDED:
             self._middleware_stack.append(rec)
-        elif outcome is Outcome.RETURNED:
+        elif outcome is RETURNED:
             error = MiddlewareSetupException(f"Middleware {rec.name} did not yield on setup.")
         else:
             error = value
@@ -753,7 +759,7 @@ class _Lifecycle:
                 gen = factory(self.ctx)
         except BaseException as error:
             if telemetry is not None:
-                telemetry.step_finished(scope, Outcome.RAISED, error, None)  # type: ignore[arg-type]
+                telemetry.step_finished(scope, RAISED, error, None)  # type: ignore[arg-type]
             raise
         is_async = isinstance(gen, AsyncGeneratorType)
         problem: BaseException | None = None
@@ -766,7 +772,7 @@ class _Lifecycle:
             )
         if problem is not None:
             if telemetry is not None:
-                telemetry.step_finished(scope, Outcome.RAISED, problem, None)  # type: ignore[arg-type]
+                telemetry.step_finished(scope, RAISED, problem, None)  # type: ignore[arg-type]
             raise problem
         self._resources[name] = _CREATING  # until set up (see _cycle)
         return GeneratorRecord.new("resource", name, position, gen, is_async, factory), scope
@@ -775,9 +781,9 @@ class _Lifecycle:
         self, rec: GeneratorRecord, scope: Any, outcome: Outcome, value: Any
     ) -> Any:
         error: BaseException | None = None
-        if outcome is Outcome.YIELDED:
+        if outcome is YIELDED:
             self._keep_resource(rec.name, rec, value)
-        elif outcome is Outcome.RETURNED:
+        elif outcome is RETURNED:
             error = ResourceSetupException(f"Resource {rec.name} did not yield on setup.")
         else:
             error = value
@@ -823,7 +829,7 @@ class _Lifecycle:
         error = step_error(rec, outcome, value)
         if self._telemetry is not None:
             self._telemetry.step_finished(scope, outcome, error, seen)
-        if error is not None and outcome is not Outcome.PROPAGATED:
+        if error is not None and outcome is not PROPAGATED:
             self._record_teardown_error(rec.name, error)
 
     def _record_teardown_error(self, resource: str, error: BaseException) -> None:

@@ -133,6 +133,16 @@ class Outcome(enum.Enum):
     RAISED = "raised"  # the generator raised an exception of its own
 
 
+# The members as module constants, for the code that runs at every step: CPython 3.11's
+# EnumType has a ``__getattr__``, so ``Outcome.YIELDED`` is an unspecialised look-up
+# through it each time (about the cost of a small function call).
+YIELDED = Outcome.YIELDED
+RETURNED = Outcome.RETURNED
+SUPPRESSED = Outcome.SUPPRESSED
+PROPAGATED = Outcome.PROPAGATED
+RAISED = Outcome.RAISED
+
+
 class StepScope(Protocol):
     """What the telemetry layer hands out for one step; entered inside the generator's context.
 
@@ -208,7 +218,7 @@ def as_record(rec: tuple[Any, ...]) -> GeneratorRecord:
 def classify(exc: BaseException | None, raised: BaseException) -> Outcome:
     """PROPAGATED when ``raised`` is the exception thrown in (``exc``), else RAISED."""
     if raised is exc:
-        return Outcome.PROPAGATED
+        return PROPAGATED
     if (
         exc is not None
         and isinstance(exc, StopIteration | StopAsyncIteration)
@@ -216,8 +226,8 @@ def classify(exc: BaseException | None, raised: BaseException) -> Outcome:
         and raised.__cause__ is exc
     ):
         # PEP 479 turned the StopIteration we threw in into a RuntimeError.
-        return Outcome.PROPAGATED
-    return Outcome.RAISED
+        return PROPAGATED
+    return RAISED
 
 
 def step(
@@ -231,14 +241,14 @@ def step(
         if exc is None:
             value = next(gen, FINISHED)  # a generator that returns raises nothing here
             if value is FINISHED:
-                return Outcome.RETURNED, None
+                return RETURNED, None
         else:
             value = gen.throw(exc)
     except StopIteration:
-        return (Outcome.RETURNED if exc is None else Outcome.SUPPRESSED), None
+        return (RETURNED if exc is None else SUPPRESSED), None
     except BaseException as raised:
         return classify(exc, raised), raised
-    return Outcome.YIELDED, value
+    return YIELDED, value
 
 
 def drive(
@@ -259,10 +269,10 @@ async def _step_async(
     try:
         value = await (agen.asend(None) if exc is None else agen.athrow(exc))
     except StopAsyncIteration:
-        return (Outcome.RETURNED if exc is None else Outcome.SUPPRESSED), None
+        return (RETURNED if exc is None else SUPPRESSED), None
     except BaseException as raised:
         return classify(exc, raised), raised
-    return Outcome.YIELDED, value
+    return YIELDED, value
 
 
 class _RunIn:
@@ -333,10 +343,10 @@ def step_error(rec: GeneratorRecord, outcome: Outcome, value: Any) -> BaseExcept
 
     A second ``yield`` becomes :func:`twice_yielded`'s ``RuntimeError``.
     """
-    if outcome is Outcome.RAISED or outcome is Outcome.PROPAGATED:
+    if outcome is RAISED or outcome is PROPAGATED:
         error: BaseException = value
         return error
-    if outcome is Outcome.YIELDED:
+    if outcome is YIELDED:
         return twice_yielded(rec)
     return None
 
@@ -353,9 +363,9 @@ def after_middleware_teardown(
     all middleware (most recently created first), all see the exception left at the
     end, and errors they raise never change it: they are recorded instead.
     """
-    if outcome is Outcome.SUPPRESSED:
+    if outcome is SUPPRESSED:
         return None
-    if outcome is Outcome.RAISED or outcome is Outcome.YIELDED:
+    if outcome is RAISED or outcome is YIELDED:
         return error
     return exc
 

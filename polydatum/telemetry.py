@@ -40,7 +40,7 @@ from opentelemetry.metrics import Observation
 from opentelemetry.metrics import _internal as _metrics_internal
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from polydatum.lifecycle import Outcome
+from polydatum.lifecycle import PROPAGATED, Outcome
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
@@ -1014,7 +1014,7 @@ class ContextTelemetry:
         plan = step.plan
         # A step fails when it *originated* an exception; one that only let the
         # context's exception through is marked "propagated", not ERROR.
-        failed = error is not None and outcome is not Outcome.PROPAGATED
+        failed = error is not None and outcome is not PROPAGATED
         span = step.span
         if span is not None:
             if plan.phase == "teardown":
