@@ -667,6 +667,8 @@ class Telemetry:
     looked up per context so that an SDK configured after the DataManager was
     created is picked up. ``meta_attributes`` is the allow-list of Meta keys that
     may be recorded on the context span and the canonical log line.
+    ``step_metrics=False`` leaves out the per-phase histograms
+    (``polydatum.middleware.duration``, ``polydatum.resource.duration``).
     """
 
     def __init__(
@@ -674,10 +676,12 @@ class Telemetry:
         tracer_provider: TracerProvider | None = None,
         meter_provider: MeterProvider | None = None,
         meta_attributes: Iterable[str] = (),
+        step_metrics: bool = True,
     ) -> None:
         self.tracer_provider = tracer_provider
         self.meter_provider = meter_provider
         self.meta_attributes = tuple(meta_attributes)
+        self.step_metrics = step_metrics
         self._tracer_for: Any = None
         self._tracer: Any = None
         self._instruments_for: Any = None
@@ -842,6 +846,7 @@ class ContextTelemetry:
         "resources",
         "service_calls",
         "span",
+        "step_instruments",
         "t0",
         "teardown_errors",
         "telemetry",
@@ -861,6 +866,8 @@ class ContextTelemetry:
         self.ctx = ctx
         self.tracer = tracer
         self.instruments = instruments
+        # The middleware and resource phase histograms (off: DataManager(step_metrics=False)).
+        self.step_instruments = instruments if telemetry.step_metrics else None
         self.info = info
         self.debug = info and _level_enabled(logging.DEBUG)
         self.span: Span | None = None
@@ -1031,7 +1038,7 @@ class ContextTelemetry:
             except Exception as failure:
                 _report_loss("ending a span (a span processor's on_end?)", failure)
         kind = plan.kind
-        instruments = self.instruments
+        instruments = self.step_instruments
         if instruments is not None:
             attrs = plan.metric_attrs
             if failed:

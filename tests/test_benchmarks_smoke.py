@@ -71,8 +71,17 @@ def test_quick_run_reports_every_condition() -> None:
         (c["subject"], c["reference"], c["target"]) for c in conditions["tracing"]["comparisons"]
     ] == [("polydatum A", "hand-written A (6 spans)", 1.0)]
     assert [
-        (c["subject"], c["reference"], c["target"]) for c in conditions["everything"]["comparisons"]
-    ] == [("polydatum A", "hand-written A (6 spans + 1 INFO line)", 1.3)]
+        (c["subject"], c["reference"], c["target"], c["informational"])
+        for c in conditions["everything"]["comparisons"]
+    ] == [
+        ("polydatum A", "hand-written A (6 spans + 1 INFO line)", 1.3, False),
+        (
+            "polydatum A, step_metrics=False",
+            "hand-written A (6 spans + 1 INFO line)",
+            1.3,
+            True,
+        ),
+    ]
 
     for condition in report["conditions"]:
         for contender in condition["contenders"].values():
@@ -84,7 +93,7 @@ def test_quick_run_reports_every_condition() -> None:
         for comparison in condition["comparisons"]:
             assert set(comparison) == {
                 "subject", "reference", "median_ratio", "min_ratio", "paired_ratio",
-                "target", "met",
+                "target", "met", "informational",
             }  # fmt: skip
             assert all(comparison[k] > 0 for k in ("median_ratio", "min_ratio", "paired_ratio"))
             assert comparison["met"] is (comparison["median_ratio"] <= comparison["target"])

@@ -612,3 +612,39 @@ def test_idle_contexts_start_recording_when_structlog_lets_info_through() -> Non
     assert [(e["event"], e["level"], e["context_id"]) for e in lines] == [
         ("polydatum.context", "info", recorded_id)
     ]
+
+
+def test_step_metrics_off_leaves_out_the_phase_histograms_only(
+    polydatum_telemetry: TelemetryCapture,
+) -> None:
+    def failing(ctx: Any) -> Iterator[str]:
+        yield "handle"
+        raise Boom("teardown")
+
+    dm = build(polydatum_telemetry, step_metrics=False)
+    dm.register_resources(failing=failing)
+    with dm.dal() as dal:
+        dal.users.show(1)
+        dm.require_active_context().failing
+    assert sorted({p.name for p in polydatum_telemetry.metrics()}) == [
+        "polydatum.context.active",
+        "polydatum.context.duration",
+        "polydatum.resource.teardown.errors",
+        "polydatum.service.duration",
+    ]
+    # Spans and the canonical line are unchanged: every phase is still there.
+    assert [n for n in polydatum_telemetry.names() if ".setup " in n or ".teardown " in n] == [
+        "polydatum.middleware.setup auth",
+        "polydatum.middleware.setup timing",
+        "polydatum.resource.setup db",
+        "polydatum.resource.setup failing",
+        "polydatum.middleware.teardown timing",
+        "polydatum.middleware.teardown auth",
+        "polydatum.resource.teardown failing",
+        "polydatum.resource.teardown db",
+    ]
+    (line,) = [e for e in polydatum_telemetry.logs if e["event"] == "polydatum.context"]
+    assert [(m["name"], sorted(m)) for m in line["middleware"]] == [
+        ("auth", ["name", "setup_ms", "teardown_ms"]),
+        ("timing", ["name", "setup_ms", "teardown_ms"]),
+    ]
