@@ -800,13 +800,17 @@ class _Step:
     and runs nothing between its steps, so the value is simply overwritten by the
     next step: nothing leaks into the caller and there is no token to reset. It is
     a ``functools.partial`` of the context variable's ``set`` (no Python frame).
+    ``otel_ctx`` (the OpenTelemetry context holding the step's span) is also what the
+    step's histogram sample is recorded in, so that an exemplar the SDK keeps for it
+    points at this step's span rather than at whatever span is current at the end.
     """
 
-    __slots__ = ("enter", "plan", "span", "t0", "token")
+    __slots__ = ("enter", "otel_ctx", "plan", "span", "t0", "token")
 
     def __init__(self, plan: _Plan, span: Span | None, otel_ctx: Any, t0: float) -> None:
         self.plan = plan
         self.span = span
+        self.otel_ctx = otel_ctx
         self.enter: Any = _nothing if otel_ctx is None else partial(_attach, otel_ctx)
         self.token: Any = None
         self.t0 = t0
@@ -945,10 +949,13 @@ class ContextTelemetry:
                 self.token = None
         instruments = self.instruments
         if instruments is not None:
+            # In the context span's own context: an exemplar points at that span.
             if error is None:
-                instruments.context_duration.record(duration)
+                instruments.context_duration.record(duration, None, self.parent_ctx)
             else:
-                instruments.context_duration.record(duration, {"error.type": error_type(error)})
+                instruments.context_duration.record(
+                    duration, {"error.type": error_type(error)}, self.parent_ctx
+                )
         if self.info:
             self._canonical_line(error, suppressed, duration)
 
@@ -1048,7 +1055,7 @@ class ContextTelemetry:
                 if kind == "middleware"
                 else instruments.resource_duration
             )
-            histogram.record(duration, attrs)
+            histogram.record(duration, attrs, step.otel_ctx)
         if not self.info:
             return  # the rest feeds the log lines only
         if kind == "middleware":
@@ -1101,7 +1108,8 @@ class ContextTelemetry:
             return _Step(plan, None, None, self.clock())
         step = _Step(plan, span, None, self.clock())
         # Runs in the caller's context (a service call is no generator): reset at the end.
-        step.token = _attach(_in_context(span))
+        step.otel_ctx = otel_ctx = _in_context(span)
+        step.token = _attach(otel_ctx)
         return step
 
     def call_finished(self, step: _Step, error: BaseException | None) -> None:
@@ -1123,7 +1131,7 @@ class ContextTelemetry:
             attrs = step.plan.metric_attrs
             if error is not None:
                 attrs = {**attrs, "error.type": error_type(error)}
-            self.instruments.service_duration.record(duration, attrs)
+            self.instruments.service_duration.record(duration, attrs, step.otel_ctx)
         if self.debug:
             self._log().debug(
                 "polydatum.service.call",

@@ -69,13 +69,19 @@ class SpanRecord:
 
 @dataclass(frozen=True)
 class MetricPoint:
-    """One data point: for histograms ``value`` is the count, ``sum`` the total."""
+    """One data point: for histograms ``value`` is the count, ``sum`` the total.
+
+    ``exemplar_span_ids`` are the span ids of the exemplars the SDK kept for the point
+    (with its default trace-based filter: samples recorded while a sampled span was
+    current), in the order the SDK reports them.
+    """
 
     name: str
     attributes: Mapping[str, Any]
     value: float
     sum: float | None = None
     bucket_bounds: tuple[float, ...] = ()
+    exemplar_span_ids: tuple[int, ...] = ()
 
 
 def _records(spans: list[ReadableSpan]) -> list[SpanRecord]:
@@ -199,7 +205,12 @@ class TelemetryCapture:
                         attrs = dict(p.attributes or {})
                         if isinstance(p, HistogramDataPoint):
                             bounds = tuple(p.explicit_bounds)
-                            points.append(MetricPoint(metric.name, attrs, p.count, p.sum, bounds))
+                            exemplars = tuple(
+                                e.span_id for e in (getattr(p, "exemplars", None) or ())
+                            )
+                            points.append(
+                                MetricPoint(metric.name, attrs, p.count, p.sum, bounds, exemplars)
+                            )
                         elif isinstance(p, NumberDataPoint):
                             points.append(MetricPoint(metric.name, attrs, float(p.value)))
         return points

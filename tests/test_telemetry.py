@@ -648,3 +648,32 @@ def test_step_metrics_off_leaves_out_the_phase_histograms_only(
         ("auth", ["name", "setup_ms", "teardown_ms"]),
         ("timing", ["name", "setup_ms", "teardown_ms"]),
     ]
+
+
+def test_each_duration_sample_is_recorded_in_its_own_span(
+    polydatum_telemetry: TelemetryCapture,
+) -> None:
+    """An exemplar (the SDK's default trace-based filter keeps one per sample taken in a
+    sampled span) links each histogram point to the span of that very step, so a slow
+    bucket in a dashboard opens the middleware phase, resource setup or call that was slow."""
+    dm = build(polydatum_telemetry)
+    tracer = polydatum_telemetry.tracer_provider.get_tracer("app")
+    with tracer.start_as_current_span("HTTP GET /users/{id}"), dm.dal() as dal:
+        dal.users.show(7)
+    span_names = {s.span_id: s.name for s in polydatum_telemetry.spans()}
+    linked = sorted(
+        (p.name, dict(p.attributes).get("polydatum.phase", ""), [span_names[i] for i in ids])
+        for p in polydatum_telemetry.metrics()
+        if (ids := p.exemplar_span_ids) or p.bucket_bounds
+    )
+    assert linked == [
+        ("polydatum.context.duration", "", ["polydatum.context"]),
+        ("polydatum.middleware.duration", "setup", ["polydatum.middleware.setup auth"]),
+        ("polydatum.middleware.duration", "setup", ["polydatum.middleware.setup timing"]),
+        ("polydatum.middleware.duration", "teardown", ["polydatum.middleware.teardown auth"]),
+        ("polydatum.middleware.duration", "teardown", ["polydatum.middleware.teardown timing"]),
+        ("polydatum.resource.duration", "setup", ["polydatum.resource.setup db"]),
+        ("polydatum.resource.duration", "teardown", ["polydatum.resource.teardown db"]),
+        ("polydatum.service.duration", "", ["users.profile.get"]),
+        ("polydatum.service.duration", "", ["users.show"]),
+    ]
