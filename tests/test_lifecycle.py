@@ -486,6 +486,25 @@ def test_a_data_manager_overriding_get_resource_is_honoured_when_nothing_records
         pass  # a plain DataManager reads its registry directly
 
 
+def test_a_resource_manager_overriding_get_is_honoured_when_nothing_records() -> None:
+    from polydatum.resources import ResourceManager
+
+    def db(ctx: DataAccessContext) -> Iterator[str]:
+        yield "registered"
+
+    def wrapped(ctx: DataAccessContext) -> Iterator[str]:
+        yield "from get"
+
+    class Wrapping(ResourceManager):
+        def get(self, name: str) -> Any:
+            return wrapped if name == "db" else super().get(name)
+
+    dm = DataManager(resource_manager=Wrapping(None))  # type: ignore[arg-type]
+    dm.register_resources(db=db)
+    with dm.context() as ctx:
+        assert ctx.db == "from get"
+
+
 def test_resource_exit_errors_is_one_list_per_context_even_read_before_any_error() -> None:
     def bad(ctx: DataAccessContext) -> Iterator[str]:
         yield "bad"
