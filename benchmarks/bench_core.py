@@ -302,15 +302,26 @@ class Contender:
     per_request: list[float] = field(default_factory=list)  # seconds, one per round
 
 
-def measure(contenders: list[Contender], rounds: int) -> None:
-    """Interleaved rounds: each round times one batch per contender, order rotating."""
+def measure(
+    contenders: list[Contender], rounds: int, settle: Callable[[], Any] | None = None
+) -> None:
+    """Interleaved rounds: each round times one batch per contender, order rotating.
+
+    ``settle`` runs after every batch, untimed: for the traced conditions it flushes
+    the batch span processor, so that spans one contender queued are not exported
+    (and a full queue's drops not logged) during the next contender's timed batch.
+    """
     for c in contenders:  # warm-up: caches, branch history, the child's first batch
         c.batch(c.n)
+        if settle is not None:
+            settle()
     count = len(contenders)
     for r in range(rounds):
         for i in range(count):
             c = contenders[(r + i) % count]
             c.per_request.append(c.batch(c.n) / c.n)
+            if settle is not None:
+                settle()
 
 
 def summarize(c: Contender) -> dict[str, Any]:
@@ -421,7 +432,7 @@ def condition_traced(name: str, rounds: int, sizes: dict[str, int]) -> dict[str,
         _, lean = polydatum_request("A", step_metrics=False, **options)
         contenders.append(Contender(STEPS_OFF, local(lean), sizes["A"]))
     try:
-        measure(contenders, rounds)
+        measure(contenders, rounds, settle=provider.force_flush)
     finally:
         provider.shutdown()
         if meter_provider is not None:
