@@ -139,6 +139,12 @@ def _report_open_contexts() -> None:
     )
 
 
+def _idle_records(stack: list[tuple[Any, ...]]) -> bool:
+    """Whether every record of ``stack`` is a plain tuple: a sync generator set up on the
+    idle path (a :class:`GeneratorRecord`, a tuple subclass, is anything else)."""
+    return all(type(rec) is tuple for rec in stack)
+
+
 def get_active_context() -> DataAccessContext | None:
     """The context active in this thread / asyncio task, or ``None``."""
     c = _active.get()
@@ -389,12 +395,7 @@ class _Lifecycle:
                     gen = middleware(ctx)
                     if type(gen) is not GeneratorType:
                         self._start_middleware(position, middleware, gen)  # raises the error
-                    cv = copy_context()
-                    if cv.run(next, gen, FINISHED) is FINISHED:
-                        raise MiddlewareSetupException(
-                            f"Middleware {callable_name(middleware)} did not yield on setup."
-                        )
-                    stack.append(("middleware", None, position, gen, False, middleware, cv))
+                    self._set_up_idle(position, middleware, gen)
             else:
                 telemetry = self._telemetry
                 stack = self._middleware_stack
@@ -526,10 +527,24 @@ class _Lifecycle:
     async def aenter(self) -> Any:
         self._begin(is_async=True)
         try:
-            for position, middleware in enumerate(self.data_manager.get_middleware(self.ctx)):
-                rec, scope = self._start_middleware(position, middleware)
-                outcome, value = await adrive(rec, None, scope)
-                self._finish_middleware_setup(rec, scope, outcome, value)
+            ctx = self.ctx
+            middleware_chain = self.data_manager.get_middleware(ctx)
+            if self._telemetry is None:  # nothing records: sync generators as in enter()
+                stack = self._middleware_stack
+                for middleware in middleware_chain:
+                    position = len(stack)
+                    gen = middleware(ctx)
+                    if type(gen) is GeneratorType:
+                        self._set_up_idle(position, middleware, gen)
+                        continue
+                    rec, scope = self._start_middleware(position, middleware, gen)
+                    outcome, value = await adrive(rec, None, scope)
+                    self._finish_middleware_setup(rec, scope, outcome, value)
+            else:
+                for position, middleware in enumerate(middleware_chain):
+                    rec, scope = self._start_middleware(position, middleware)
+                    outcome, value = await adrive(rec, None, scope)
+                    self._finish_middleware_setup(rec, scope, outcome, value)
         except BaseException as error:
             self._state = _after_setup_failed(self._state) or transition(
                 self._state, "setup_failed"
@@ -562,6 +577,12 @@ class _Lifecycle:
     async def _ateardown(
         self, exc: BaseException | None, setup_failed: bool = False
     ) -> BaseException | None:
+        if (
+            self._telemetry is None
+            and _idle_records(self._middleware_stack)
+            and _idle_records(self._resource_stack)
+        ):  # only sync generators set up on the idle path: nothing to await
+            return self._teardown_idle(exc, setup_failed)
         current = exc
         stack = self._middleware_stack
         while stack:
@@ -583,6 +604,17 @@ class _Lifecycle:
         return self._end(exc, current, setup_failed)
 
     # ------------------------------------------------------- shared by sync and async
+
+    def _set_up_idle(
+        self, position: int, middleware: Any, gen: GeneratorType[Any, Any, Any]
+    ) -> None:
+        """Set up one middleware generator when nothing records (sync and async contexts)."""
+        cv = copy_context()
+        if cv.run(next, gen, FINISHED) is FINISHED:
+            raise MiddlewareSetupException(
+                f"Middleware {callable_name(middleware)} did not yield on setup."
+            )
+        self._middleware_stack.append(("middleware", None, position, gen, False, middleware, cv))
 
     def _middleware_done(self, current: BaseException | None) -> None:
         """Between the phases: 0.9.1's teardown hook runs before resources tear down."""

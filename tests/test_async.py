@@ -248,3 +248,55 @@ async def test_cancellation_tears_everything_down() -> None:
         await task
     assert log[-1] == "adb rollback CancelledError"
     assert "amw teardown" not in log
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["clean", "error"])
+async def test_sync_generators_in_an_async_context_that_records_nothing(fail: bool) -> None:
+    """The idle fast path of async contexts (sync generators only, nothing to await) keeps
+    the order, the error flow and the recorded teardown errors of the general path."""
+    log: list[str] = []
+
+    def outer(ctx: DataAccessContext) -> Iterator[None]:
+        log.append("outer setup")
+        try:
+            yield
+        except Boom:
+            log.append("outer saw Boom")
+            raise
+        log.append("outer teardown")
+
+    def inner(ctx: DataAccessContext) -> Iterator[None]:
+        log.append("inner setup")
+        yield
+        log.append("inner teardown")
+
+    def db(ctx: DataAccessContext) -> Iterator[str]:
+        log.append("db setup")
+        yield "db"
+        log.append("db teardown")
+        raise OSError("connection reset")
+
+    dm = DataManager()
+    dm.register_context_middleware(outer, inner)
+    dm.register_resources(db=db)
+    ctx = dm.context()
+    if fail:
+        with pytest.raises(Boom, match="in the block"):
+            async with ctx:
+                assert ctx.db == "db"
+                raise Boom("in the block")
+    else:
+        async with ctx:
+            assert ctx.db == "db"
+    assert ctx._telemetry is None
+    if fail:  # Boom is thrown into each generator: db lets it through (no teardown line)
+        assert log == ["outer setup", "inner setup", "db setup", "outer saw Boom"]
+        assert ctx.get_resource_exit_errors() == []
+    else:
+        assert log == [
+            "outer setup", "inner setup", "db setup",
+            "inner teardown", "outer teardown", "db teardown",
+        ]  # fmt: skip
+        ((kind, error, _),) = ctx.get_resource_exit_errors()
+        assert (kind, str(error)) == (OSError, "connection reset")
+    assert ctx.state.value == "exited"
