@@ -387,7 +387,10 @@ class _Lifecycle:
         self._begin(is_async=False)
         try:
             ctx = self.ctx
-            middleware_chain = self.data_manager.get_middleware(ctx)
+            dm = self.data_manager
+            middleware_chain = dm._plain_middleware
+            if middleware_chain is None:
+                middleware_chain = dm.get_middleware(ctx)
             if self._telemetry is None:  # nothing records: one flat loop, no step records
                 stack = self._middleware_stack
                 for middleware in middleware_chain:
@@ -395,7 +398,13 @@ class _Lifecycle:
                     gen = middleware(ctx)
                     if type(gen) is not GeneratorType:
                         self._start_middleware(position, middleware, gen)  # raises the error
-                    self._set_up_idle(position, middleware, gen)
+                    # _set_up_idle, inlined: this loop is the sync idle hot path.
+                    cv = copy_context()
+                    if cv.run(next, gen, FINISHED) is FINISHED:
+                        raise MiddlewareSetupException(
+                            f"Middleware {callable_name(middleware)} did not yield on setup."
+                        )
+                    stack.append(("middleware", None, position, gen, False, middleware, cv))
             else:
                 telemetry = self._telemetry
                 stack = self._middleware_stack
@@ -528,7 +537,10 @@ class _Lifecycle:
         self._begin(is_async=True)
         try:
             ctx = self.ctx
-            middleware_chain = self.data_manager.get_middleware(ctx)
+            dm = self.data_manager
+            middleware_chain = dm._plain_middleware
+            if middleware_chain is None:
+                middleware_chain = dm.get_middleware(ctx)
             if self._telemetry is None:  # nothing records: sync generators as in enter()
                 stack = self._middleware_stack
                 for middleware in middleware_chain:
@@ -900,7 +912,8 @@ class DataAccessContext:
 
     def __init__(self, data_manager: DataManager, meta: Meta | dict[str, Any] | None = None):
         self.data_manager = data_manager
-        self.dal: DataAccessLayer = data_manager.get_dal()
+        dal = data_manager._plain_dal
+        self.dal: DataAccessLayer = data_manager.get_dal() if dal is None else dal
         if isinstance(meta, Meta):
             self.meta = meta
         else:

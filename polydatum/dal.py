@@ -464,6 +464,14 @@ class DataManager:
         self._telemetry = Telemetry(tracer_provider, meter_provider, meta_attributes, step_metrics)
         self.teardown_errors = teardown_errors
         self._dal: _DAL = self.DataAccessLayer(self, middleware=list(method_middleware))
+        # What every context reads when get_dal() / get_middleware() are DataManager's own
+        # (two method calls fewer per context); None when a subclass overrides them, so
+        # that the override is called for every context, as documented.
+        plain = type(self)
+        self._plain_dal: _DAL | None = self._dal if plain.get_dal is DataManager.get_dal else None
+        self._plain_middleware: list[Any] | None = (
+            self._middleware if plain.get_middleware is DataManager.get_middleware else None
+        )
         self._context_class()
 
     def _context_class(self) -> type[DataAccessContext]:

@@ -521,3 +521,37 @@ def test_resource_exit_errors_is_one_list_per_context_even_read_before_any_error
     with dm.context() as clean:
         pass
     assert clean.get_resource_exit_errors() == []
+
+
+@pytest.mark.parametrize("entered", ["sync", "async"])
+def test_get_middleware_and_get_dal_overrides_are_called_for_every_context(entered: str) -> None:
+    import asyncio
+
+    log: list[str] = []
+
+    def audit(ctx: DataAccessContext) -> Iterator[None]:
+        log.append(f"audit {ctx.meta.user}")
+        yield
+
+    class PerUser(DataManager):
+        def get_middleware(self, context: DataAccessContext) -> list[Any]:
+            return [audit] if context.meta.user == "admin" else []
+
+        def get_dal(self) -> Any:
+            log.append("get_dal")
+            return super().get_dal()
+
+    dm = PerUser()
+
+    async def run_async(user: str) -> None:
+        async with dm.context({"user": user}) as ctx:
+            assert ctx.dal is DataManager.get_dal(dm)
+
+    for user in ("admin", "guest", "admin"):
+        if entered == "sync":
+            with dm.context({"user": user}) as ctx:
+                assert ctx.dal is DataManager.get_dal(dm)
+        else:
+            asyncio.run(run_async(user))
+    assert log == ["get_dal", "audit admin", "get_dal", "get_dal", "audit admin"]
+    assert DataManager()._plain_middleware is not None  # the plain one reads its list
