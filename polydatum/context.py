@@ -793,8 +793,6 @@ class _Lifecycle:
                 f'No resource named "{name}" for context (registered: {known}). '
                 f"Register it with dm.register_resources({name}=...)."
             )
-        if self._resources.get(name) is _CREATING:
-            raise self._cycle(name)
         telemetry = self._telemetry
         position = len(self._resource_stack)
         scope = None
