@@ -780,10 +780,13 @@ class _Lifecycle:
 
     def _start_resource(self, name: str, gen: Any = None) -> tuple[GeneratorRecord, Any]:
         """Check and call a resource factory (unless ``gen`` is what it already returned)."""
-        if self._state not in RESOURCE_CREATE_STATES:
+        state = self._state
+        if state not in RESOURCE_CREATE_STATES:
+            if state is not State.TEARING_DOWN_RESOURCES:  # not entered yet, or exited
+                raise ContextStateError(self._resource_state_message(name))
             raise ContextStateError(
                 f"Cannot create resource {name!r}: the context is in state "
-                f"'{self._state.value}' and resources are being torn down; create it "
+                f"'{state.value}' and resources are being torn down; create it "
                 f"earlier (during setup, in the block, or in middleware teardown)."
             )
         factory = self.data_manager.get_resource(name)

@@ -258,6 +258,71 @@ def test_resource_cannot_be_created_during_resource_teardown() -> None:
     )
 
 
+BEFORE = (
+    "Cannot use resource 'db': the context is in state 'created' (not entered yet); "
+    "use it inside `with dm.context() as ctx:`."
+)
+AFTER = (
+    "Cannot use resource 'db': the context is in state 'exited'; resources can only be "
+    "used while the context is active. Open a new context with dm.context()."
+)
+
+
+@pytest.mark.parametrize("traced", [False, True], ids=["idle", "traced"])
+@pytest.mark.parametrize("read", ["attribute", "resource()"])
+def test_a_resource_outside_the_context_names_the_state_and_what_to_do(
+    traced: bool, read: str
+) -> None:
+    """The same message whichever way the resource is asked for, recorded or not (the
+    attribute path creates through a different route than ``ctx.resource()``)."""
+    from polydatum.testing import TelemetryCapture
+
+    def db(ctx: DataAccessContext) -> Iterator[str]:
+        yield "db"
+
+    def get(ctx: DataAccessContext) -> Any:
+        return ctx.db if read == "attribute" else ctx.resource("db")
+
+    with TelemetryCapture() as capture:
+        options = (
+            {"tracer_provider": capture.tracer_provider, "meter_provider": capture.meter_provider}
+            if traced
+            else {}
+        )
+        dm = DataManager(**options)
+        dm.register_resources(db=db)
+        ctx = dm.context()
+        with pytest.raises(ContextStateError) as before:
+            get(ctx)
+        assert str(before.value) == BEFORE
+        with ctx:
+            assert get(ctx) == "db"
+        with pytest.raises(ContextStateError) as after:
+            get(ctx)
+        assert str(after.value) == AFTER
+        # Nothing was set up by the failed attempts: one setup and one teardown span.
+        assert [s.name for s in capture.spans() if s.name.startswith("polydatum.resource")] == (
+            ["polydatum.resource.setup db", "polydatum.resource.teardown db"] if traced else []
+        )
+
+
+async def test_an_async_resource_outside_the_context_names_the_state() -> None:
+    async def db(ctx: DataAccessContext) -> Any:
+        yield "db"
+
+    dm = DataManager()
+    dm.register_resources(db=db)
+    ctx = dm.context()
+    with pytest.raises(ContextStateError) as before:
+        await ctx.aresource("db")
+    assert str(before.value) == BEFORE
+    async with ctx:
+        assert await ctx.aresource("db") == "db"
+    with pytest.raises(ContextStateError) as after:
+        await ctx.aresource("db")
+    assert str(after.value) == AFTER
+
+
 def test_resource_setup_failure_is_not_torn_down() -> None:
     dm = DataManager()
     log: list[str] = []
