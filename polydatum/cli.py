@@ -23,13 +23,17 @@ from typing import Any
 from polydatum.dal import DataManager
 from polydatum.errors import ValidationError
 
+#: The help of every subcommand's MODULE:ATTR argument (see :func:`load_data_manager`).
+TARGET_HELP = "MODULE:ATTR of a DataManager, a factory returning one, or an object holding one"
+
 
 class CliError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
 
 
 def load_data_manager(target: str) -> DataManager:
-    """Import ``MODULE:ATTR`` (ATTR may be dotted, or a zero-argument factory)."""
+    """Import ``MODULE:ATTR``: a DataManager, a zero-argument factory, or an object with
+    exactly one DataManager attribute (an application factory's result); ATTR may be dotted."""
     module_name, sep, attr = target.partition(":")
     if not sep or not module_name or not attr:
         raise CliError(f"expected MODULE:ATTR (e.g. myapp.data:dm), got {target!r}")
@@ -45,11 +49,32 @@ def load_data_manager(target: str) -> DataManager:
             obj = getattr(obj, part)
         except AttributeError:
             raise CliError(f"module {module_name!r} has no attribute {attr!r}") from None
+    called = ""
     if not isinstance(obj, DataManager) and callable(obj):
         obj = obj()
-    if not isinstance(obj, DataManager):
-        raise CliError(f"{target} is a {type(obj).__name__}, not a polydatum DataManager")
-    return obj
+        called = "()"
+    if isinstance(obj, DataManager):
+        return obj
+    # An application object (what an app factory returns, say) holding its DataManager.
+    held = sorted(
+        name for name, value in getattr(obj, "__dict__", {}).items()
+        if isinstance(value, DataManager)
+    )  # fmt: skip
+    what = f"{target}{called} is of type {type(obj).__name__}, not a polydatum DataManager"
+    if len(held) == 1:
+        print(f"polydatum: {what}; using its attribute .{held[0]}", file=sys.stderr)
+        found: DataManager = getattr(obj, held[0])
+        return found
+    if held:
+        names = ", ".join(f".{name}" for name in held)
+        raise CliError(
+            f"{what}, and it holds several ({names}): point at one of them, "
+            f"e.g. a module-level `dm = ...` as MODULE:dm"
+        )
+    raise CliError(
+        f"{what}: point at a DataManager, a zero-argument function returning one, "
+        f"or an object with one DataManager attribute"
+    )
 
 
 def _tree_lines(services: dict[str, Any], prefix: str = "", path: str = "") -> list[str]:
@@ -119,7 +144,7 @@ def _add_inspect(sub: Any) -> None:
         description="Print the services tree, the resources and both middleware chains "
         "in execution order, then validate the registration.",
     )
-    p.add_argument("target", help="MODULE:ATTR of a DataManager (or a factory returning one)")
+    p.add_argument("target", help=TARGET_HELP)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_inspect)
 

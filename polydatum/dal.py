@@ -716,10 +716,14 @@ class DataManager:
                     continue
                 if attr in dir(Service) and attr not in type(service).__dict__:
                     continue
-                static = inspect.getattr_static(type(service), attr)
-                if isinstance(static, property):
-                    continue
-                if callable(getattr(service, attr, None)):
+                # Static look-up only: a descriptor (a property, a Safe, ...) may need an
+                # active context, and inspecting must not run application code.
+                static = inspect.getattr_static(service, attr)
+                if isinstance(static, (staticmethod, classmethod)):
+                    static = static.__func__
+                if inspect.isfunction(static) or (
+                    callable(static) and not hasattr(type(static), "__get__")
+                ):
                     names.append(attr)
             return names
 

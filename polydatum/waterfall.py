@@ -663,6 +663,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 def register_cli(subparsers: Any) -> None:
     """Add ``polydatum trace`` to the ``polydatum`` command (see :mod:`polydatum.cli`)."""
+    from polydatum.cli import TARGET_HELP
+
     p = subparsers.add_parser(
         "trace",
         help="run one DAL call in a fresh context and print its waterfall",
@@ -670,7 +672,7 @@ def register_cli(subparsers: Any) -> None:
         "and draw that context's spans: middleware setup and teardown, lazy resource "
         "setups, nested service calls, and what happened to any exception.",
     )
-    p.add_argument("target", help="MODULE:ATTR of a DataManager (or a factory returning one)")
+    p.add_argument("target", help=TARGET_HELP)
     p.add_argument("call", help="the call, e.g. 'users.profile.get(42)' (literal arguments)")
     p.add_argument(
         "--meta",

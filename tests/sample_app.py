@@ -48,3 +48,24 @@ def make() -> DataManager:
 
 
 dm = make()
+
+
+class App:
+    """What an application factory returns: an object holding its DataManager."""
+
+    def __init__(self) -> None:
+        self.name = "sample"
+        self.dm = make()
+
+
+def create_app() -> App:
+    return App()
+
+
+class TwoManagers:
+    def __init__(self) -> None:
+        self.replica = make()
+        self.primary = make()
+
+
+two = TwoManagers()

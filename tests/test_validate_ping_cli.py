@@ -160,13 +160,71 @@ def test_inspect_json_and_factory(capsys: Any, monkeypatch: Any) -> None:
         ("nocolon", "polydatum: error: expected MODULE:ATTR (e.g. myapp.data:dm), got 'nocolon'"),
         ("no_such_module_xyz:dm", "polydatum: error: cannot import module 'no_such_module_xyz'"),
         ("sample_app:nope", "polydatum: error: module 'sample_app' has no attribute 'nope'"),
-        ("sample_app:Users", "polydatum: error: sample_app:Users is a Users, not a polydatum"),
+        (
+            "sample_app:Users",
+            "polydatum: error: sample_app:Users() is of type Users, not a polydatum DataManager: "
+            "point at a DataManager, a zero-argument function returning one, or an object "
+            "with one DataManager attribute\n",
+        ),
+        (
+            "sample_app:two",
+            "polydatum: error: sample_app:two is of type TwoManagers, not a polydatum DataManager, "
+            "and it holds several (.primary, .replica): point at one of them, e.g. a "
+            "module-level `dm = ...` as MODULE:dm\n",
+        ),
     ],
 )
 def test_inspect_bad_targets(target: str, message: str, capsys: Any, monkeypatch: Any) -> None:
     monkeypatch.syspath_prepend("tests")
     assert main(["inspect", target]) == 2
     assert capsys.readouterr().err.startswith(message)
+
+
+def test_inspect_finds_the_data_manager_an_app_factory_returns(
+    capsys: Any, monkeypatch: Any
+) -> None:
+    monkeypatch.syspath_prepend("tests")
+    assert main(["inspect", "sample_app:create_app"]) == 0
+    out = capsys.readouterr()
+    assert out.out == EXPECTED_INSPECT
+    assert out.err == (
+        "polydatum: sample_app:create_app() is of type App, not a polydatum DataManager; "
+        "using its attribute .dm\n"
+    )
+
+
+def test_describe_lists_methods_without_running_descriptors() -> None:
+    """A property or a ServiceSafe on a service needs an active context: inspecting a
+    registration must list the methods without touching them."""
+    from polydatum.safe import ServiceSafe
+
+    class Reports(Service):
+        safe = ServiceSafe("reports")
+
+        @property
+        def current_user(self) -> Any:
+            return self._ctx.meta.user  # raises: no context is active
+
+        def daily(self) -> list[int]:
+            return []
+
+        @staticmethod
+        def columns() -> list[str]:
+            return ["day"]
+
+        @classmethod
+        def create(cls) -> Reports:
+            return cls()
+
+    dm = DataManager()
+    dm.register_services(reports=Reports())
+    assert dm.describe()["services"] == {
+        "reports": {
+            "class": f"{Reports.__module__}.{Reports.__qualname__}",
+            "methods": ["columns", "create", "daily"],
+            "services": {},
+        }
+    }
 
 
 def test_console_script_is_installed() -> None:
