@@ -225,26 +225,35 @@ def _note(step: Step) -> tuple[str, str]:
     seen = attrs.get("polydatum.exception.seen")
     outcome = attrs.get("polydatum.outcome")
     if kind == "resource" and step.phase == "teardown" and outcome == "raised":
-        return f"⚠ suppressed {_describe_exception(step)}", "yellow"
+        return f"⚠ suppressed {_describe_exception(step, one_line=True)}", "yellow"
     if kind == "middleware" and step.phase == "teardown" and seen:
         seen_s = _short_type(str(seen))
         if outcome == "suppressed":
             return f"{seen_s} → suppressed", "yellow"
         if outcome == "raised":
-            return f"{seen_s} → replaced: {_describe_exception(step)}", "red"
+            return f"{seen_s} → replaced: {_describe_exception(step, one_line=True)}", "red"
         return f"{seen_s} → passed on", "dim"
     if step.failed:
-        return f"✗ {_describe_exception(step)}", "red"
+        return f"✗ {_describe_exception(step, one_line=True)}", "red"
     if seen:
         return f"saw {_short_type(str(seen))}", "dim"
     return "", ""
 
 
-def _describe_exception(step: Step) -> str:
+def _describe_exception(step: Step, *, one_line: bool = False) -> str:
+    """``Type: message``; with ``one_line``, only the message's first line (a table cell:
+    SQLAlchemy's messages, for one, go on with the SQL and its parameters)."""
     etype = step.error_type or (step.exception[0] if step.exception else "error")
     message = step.exception[1] if step.exception else ""
+    if one_line and "\n" in message:
+        message = message.split("\n", 1)[0].rstrip() + " …"
     short = _short_type(etype)
     return f"{short}: {message}" if message else short
+
+
+def _indented(text: str, indent: int) -> str:
+    """``text`` with its continuation lines indented by ``indent`` spaces."""
+    return text.replace("\n", "\n" + " " * indent)
 
 
 def exception_path(context: Step) -> list[str]:
@@ -397,13 +406,14 @@ def render(context: Step, *, width: int = PLAIN_WIDTH) -> RenderableType:
         final_style = "bold red" if context.failed else "bold yellow"
         for i, line in enumerate(path, 1):
             if line.startswith("→"):
-                parts.append(Text(f"  {line}", style=final_style))
+                parts.append(Text(f"  {_indented(line, 4)}", style=final_style))
             else:
-                parts.append(Text(f"  {i}. {line}"))
+                number = f"  {i}. "
+                parts.append(Text(number + _indented(line, len(number))))
     errors = teardown_errors(context)
     if errors:
         parts += [Text(""), Text("Suppressed teardown errors", style="bold yellow")]
-        parts += [Text(f"  ⚠ {line}", style="yellow") for line in errors]
+        parts += [Text(f"  ⚠ {_indented(line, 4)}", style="yellow") for line in errors]
     return Group(*parts)
 
 

@@ -132,6 +132,52 @@ def test_notes_are_cut_but_the_exception_path_is_complete(
     assert "  2. middleware auth saw KeyError and replaced it with PermissionError: denied" in lines
 
 
+SQL_ERROR = "(sqlite3.OperationalError) no such table: books\n[SQL: SELECT *\nFROM books]"
+
+
+def test_multi_line_messages_keep_rows_on_one_line() -> None:
+    """A SQLAlchemy error goes on with the SQL: the table shows its first line, the
+    exception path and the teardown errors show all of it, indented under its number."""
+    spans = [
+        span("polydatum.context", 1, None, 0, 10,
+             {"polydatum.context.id": "c0ffee", "polydatum.teardown_errors": 1,
+              "error.type": "OperationalError"},
+             ("OperationalError", SQL_ERROR)),
+        span("shop.books.get", 2, 1, 0, 6,
+             {"polydatum.service.path": "shop.books.get", "error.type": "OperationalError"},
+             ("OperationalError", SQL_ERROR)),
+        span("polydatum.resource.teardown db", 3, 1, 6, 10,
+             {"polydatum.resource.name": "db", "polydatum.outcome": "raised",
+              "polydatum.exception.seen": "OperationalError",
+              "error.type": "InterfaceError"},
+             ("InterfaceError", "connection lost\nwhile closing")),
+    ]  # fmt: skip
+    (ctx,) = contexts(spans)
+    expected = """\
+                          0                           10.0 ms
+context c0ffee            ███████████████████████████████████   10.0 ms ✗ raised OperationalError; …
+├─ shop.books.get         █████████████████████                 6.00 ms ✗ OperationalError: (sqlite…
+└─ db · resource teardown                      ██████████████   4.00 ms ⚠ suppressed InterfaceError…
+
+Exception path
+  1. shop.books.get raised OperationalError: (sqlite3.OperationalError) no such table: books
+     [SQL: SELECT *
+     FROM books]
+  2. resource db saw OperationalError on teardown
+  → OperationalError: (sqlite3.OperationalError) no such table: books
+    [SQL: SELECT *
+    FROM books] raised out of the context
+
+Suppressed teardown errors
+  ⚠ db: InterfaceError: connection lost
+    while closing
+"""
+    assert render_text(ctx, width=100) == expected
+    wide = render_text(ctx, width=200).splitlines()
+    assert wide[2].endswith("✗ OperationalError: (sqlite3.OperationalError) no such table: books …")
+    assert wide[3].endswith("⚠ suppressed InterfaceError: connection lost …")
+
+
 def test_colour_only_on_a_terminal(failing_request: list[ReadableSpan]) -> None:
     (ctx,) = contexts(failing_request)
     plain, coloured = io.StringIO(), io.StringIO()
