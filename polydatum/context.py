@@ -347,17 +347,18 @@ class _Lifecycle:
         resources[name] = _CREATING
         try:
             gen = factory(self.ctx)
-            if type(gen) is not GeneratorType:
-                del resources[name]
-                return self._create_slow(name, gen)
-            position = len(self._resource_stack)
-            cv = copy_context()
-            value = cv.run(next, gen, FINISHED)
-            if value is FINISHED:
-                raise ResourceSetupException(f"Resource {name} did not yield on setup.")
+            if type(gen) is GeneratorType:
+                position = len(self._resource_stack)
+                cv = copy_context()
+                value = cv.run(next, gen, FINISHED)
+                if value is FINISHED:
+                    raise ResourceSetupException(f"Resource {name} did not yield on setup.")
         except BaseException:
             del resources[name]
             raise
+        if type(gen) is not GeneratorType:  # outside the try: that path cleans up itself
+            del resources[name]
+            return self._create_slow(name, gen)
         # _keep_resource, inlined: this runs for every lazy resource of every context.
         # The record is a plain tuple (a GeneratorRecord's fields, built in one step);
         # the paths that need its named fields wrap it (see as_record).

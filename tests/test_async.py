@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -142,6 +143,54 @@ async def test_async_resource_needs_await_in_async_context() -> None:
         assert "adb" not in ctx
         assert await ctx.aresource("adb") == "adb"
         assert ctx.adb == "adb"  # once created, attribute access works
+
+
+ASYNC_MISUSE = (
+    "Resource 'adb' is an async generator; create it with "
+    "`await ctx.aresource('adb')` inside `async with dm.context()`."
+)
+
+
+@pytest.mark.parametrize("traced", [False, True], ids=["idle", "traced"])
+def test_async_resource_in_a_sync_context_is_a_clear_error_and_leaves_nothing(
+    traced: bool,
+) -> None:
+    """``ctx.adb`` and ``ctx.resource('adb')`` alike; on the idle path the attribute once
+    raised a bare ``KeyError`` (the half-created entry was removed twice)."""
+
+    async def adb(ctx: DataAccessContext) -> AsyncIterator[str]:
+        yield "adb"
+
+    def db(ctx: DataAccessContext) -> Iterator[str]:
+        yield "db"
+
+    # Idle means no capture at all: capturing logs turns INFO on, and with it recording.
+    with TelemetryCapture() if traced else contextlib.nullcontext() as cap:
+        dm = cap.data_manager() if cap is not None else DataManager()
+        dm.register_resources(adb=adb, db=db)
+        with dm.context() as ctx:
+            assert (ctx._telemetry is None) is not traced  # the path under test
+            for attempt in (lambda: ctx.adb, lambda: ctx.resource("adb"), lambda: ctx.adb):
+                with pytest.raises(ResourceException) as info:
+                    attempt()
+                assert str(info.value) == ASYNC_MISUSE
+                assert info.value.__context__ is None
+                assert "adb" not in ctx
+            assert ctx.db == "db"  # the context goes on
+        assert ctx.get_resource_exit_errors() == []
+        if traced:
+            failed = ("polydatum.resource.setup adb", "ERROR", "polydatum.errors.ResourceException")
+            assert [
+                (s.name, s.status.status_code.name, s.attributes.get("error.type"))
+                for s in cap.exporter.get_finished_spans()
+                if s.name.startswith("polydatum.resource")
+            ] == [
+                failed,
+                failed,
+                failed,
+                ("polydatum.resource.setup db", "UNSET", None),
+                ("polydatum.resource.teardown db", "UNSET", None),
+            ]
 
 
 def test_async_middleware_in_sync_context_is_a_clear_error() -> None:
