@@ -123,8 +123,13 @@ class TelemetryCapture:
         self.meter_provider = MeterProvider(metric_readers=[self.metric_reader])
         self.logs: list[dict[str, Any]] = []
         self._capture: Any = None
+        self._was_configured = False
 
     def __enter__(self) -> TelemetryCapture:
+        # structlog's capture_logs() restores the processors with configure(), which
+        # leaves structlog "configured" even when it was not: every later context of
+        # the test run would then log at INFO (and so record). Put that back too.
+        self._was_configured = structlog.is_configured()
         self._capture = structlog.testing.capture_logs()
         self.logs = self._capture.__enter__()
         return self
@@ -138,6 +143,8 @@ class TelemetryCapture:
         if self._capture is not None:
             self._capture.__exit__(exc_type, exc, tb)
             self._capture = None
+            if not self._was_configured:
+                structlog.reset_defaults()
         self.tracer_provider.shutdown()
         self.meter_provider.shutdown()
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+from collections.abc import Iterator
 
 import pytest
+import structlog
 
 POSTGRES_URL = os.environ.get(
     "POLYDATUM_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -53,3 +55,18 @@ def postgres_url() -> str:
     """The URL of the test PostgreSQL server (fails under CI when it is down)."""
     require_service("PostgreSQL", "127.0.0.1", 5432)
     return POSTGRES_URL
+
+
+@pytest.fixture(autouse=True)
+def _structlog_left_as_found() -> Iterator[None]:
+    """Every test starts with structlog as the run started (unconfigured, unless the
+    environment configured it): a test that configures structlog and "restores" it with
+    ``structlog.configure(**saved)`` leaves it *configured*, INFO on, and every later
+    context would then record -- the idle path would go untested, depending on order."""
+    was_configured = structlog.is_configured()
+    saved = structlog.get_config()
+    yield
+    if was_configured:
+        structlog.configure(**saved)
+    else:
+        structlog.reset_defaults()

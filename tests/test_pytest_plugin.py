@@ -112,10 +112,22 @@ def test_leaked_resource_is_reported(polydatum_telemetry, assert_resources_torn_
     ctx.db  # set up, and the context is never exited: no teardown span
     with pytest.raises(AssertionError, match="resources not torn down exactly once"):
         assert_resources_torn_down(polydatum_telemetry)
+
+
+def test_structlog_is_left_unconfigured_after_the_captures():
+    # The tests above captured logs; structlog was never configured in this process,
+    # so it is not now, and a context that records nothing is idle again.
+    import structlog
+
+    from polydatum import DataManager
+
+    assert not structlog.is_configured()
+    with DataManager().context() as ctx:
+        assert ctx._telemetry is None
 """
 
 
 def test_plugin_loads_from_its_entry_point(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_user=USER_TESTS)
     result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider", "-p", "no:randomly")
-    result.assert_outcomes(passed=8)
+    result.assert_outcomes(passed=9)
