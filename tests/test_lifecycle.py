@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -283,10 +284,11 @@ def test_a_resource_outside_the_context_names_the_state_and_what_to_do(
     def get(ctx: DataAccessContext) -> Any:
         return ctx.db if read == "attribute" else ctx.resource("db")
 
-    with TelemetryCapture() as capture:
+    # Idle means no capture at all: capturing logs turns INFO on, and with it recording.
+    with TelemetryCapture() if traced else contextlib.nullcontext() as capture:
         options = (
             {"tracer_provider": capture.tracer_provider, "meter_provider": capture.meter_provider}
-            if traced
+            if capture is not None
             else {}
         )
         dm = DataManager(**options)
@@ -296,14 +298,16 @@ def test_a_resource_outside_the_context_names_the_state_and_what_to_do(
             get(ctx)
         assert str(before.value) == BEFORE
         with ctx:
+            assert (ctx._telemetry is None) is not traced  # the path under test
             assert get(ctx) == "db"
         with pytest.raises(ContextStateError) as after:
             get(ctx)
         assert str(after.value) == AFTER
-        # Nothing was set up by the failed attempts: one setup and one teardown span.
-        assert [s.name for s in capture.spans() if s.name.startswith("polydatum.resource")] == (
-            ["polydatum.resource.setup db", "polydatum.resource.teardown db"] if traced else []
-        )
+        if capture is not None:  # nothing was set up by the failed attempts
+            assert [s.name for s in capture.spans() if s.name.startswith("polydatum.resource")] == [
+                "polydatum.resource.setup db",
+                "polydatum.resource.teardown db",
+            ]
 
 
 async def test_an_async_resource_outside_the_context_names_the_state() -> None:
@@ -483,14 +487,16 @@ def test_a_resource_asking_for_itself_is_a_cycle_error_and_leaves_no_trace(
     from polydatum.errors import ResourceException
     from polydatum.testing import TelemetryCapture
 
-    with TelemetryCapture() as capture:
+    # Idle means no capture at all: capturing logs turns INFO on, and with it recording.
+    with TelemetryCapture() if traced else contextlib.nullcontext() as capture:
         options = (
             {"tracer_provider": capture.tracer_provider, "meter_provider": capture.meter_provider}
-            if traced
+            if capture is not None
             else {}
         )
         dm = _cyclic_data_manager(**options)
         with dm.context() as ctx:
+            assert (ctx._telemetry is None) is not traced  # the path under test
             with pytest.raises(ResourceException) as info:
                 ctx.db
             assert str(info.value) == CYCLE
@@ -500,7 +506,7 @@ def test_a_resource_asking_for_itself_is_a_cycle_error_and_leaves_no_trace(
             assert ctx.cache == "cache"
         assert ctx.state is State.EXITED
         assert ctx.get_resource_exit_errors() == []
-        if traced:
+        if capture is not None:
             # One failed setup span per attempt (the inner request fails before a span).
             assert [
                 (s.name, s.status, s.attributes.get("error.type"))
