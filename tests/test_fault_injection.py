@@ -88,6 +88,9 @@ class Harness:
         self.log: list[tuple[object, ...]] = []
         self.injected: dict[str, BaseException] = {}
         self.attempts: Counter[str] = Counter()
+        # Whether the context was idle (nothing recording), as each generator and the
+        # block saw it: the scenario must run on the path it is meant to test.
+        self.idle_seen: set[bool] = set()
 
     def make(self, label: str, kind: FaultKind) -> BaseException:
         error: BaseException
@@ -150,6 +153,7 @@ def describe_expected(err: Err | None) -> object:
 def sync_middleware(i: int, spec: MiddlewareSpec, h: Harness) -> Callable[..., Any]:
     def middleware(ctx: DataAccessContext) -> Iterator[None]:
         h.log.append(("mw.setup", i))
+        h.idle_seen.add(ctx._telemetry is None)
         for name in spec.setup_creates:
             getattr(ctx, name)
         if spec.setup == "raise":
@@ -185,6 +189,7 @@ def sync_middleware(i: int, spec: MiddlewareSpec, h: Harness) -> Callable[..., A
 def async_middleware(i: int, spec: MiddlewareSpec, h: Harness) -> Callable[..., Any]:
     async def middleware(ctx: DataAccessContext) -> AsyncIterator[None]:
         h.log.append(("mw.setup", i))
+        h.idle_seen.add(ctx._telemetry is None)
         for name in spec.setup_creates:
             await ctx.aresource(name)
         if spec.setup == "raise":
@@ -221,6 +226,7 @@ def sync_resource(spec: ResourceSpec, h: Harness) -> Callable[..., Any]:
     name = spec.name
 
     def resource(ctx: DataAccessContext) -> Iterator[str]:
+        h.idle_seen.add(ctx._telemetry is None)
         attempt = h.attempts[name]
         h.attempts[name] += 1
         h.log.append(("res.setup", name))
@@ -253,6 +259,7 @@ def async_resource(spec: ResourceSpec, h: Harness) -> Callable[..., Any]:
     name = spec.name
 
     async def resource(ctx: DataAccessContext) -> AsyncIterator[str]:
+        h.idle_seen.add(ctx._telemetry is None)
         attempt = h.attempts[name]
         h.attempts[name] += 1
         h.log.append(("res.setup", name))
@@ -316,6 +323,7 @@ def run_sync(s: Scenario, h: Harness, dm: DataManager) -> tuple[Any, BaseExcepti
     ctx = dm.context({"scenario": "sync"})
     try:
         with ctx as entered:
+            h.idle_seen.add(entered._telemetry is None)
             for name in s.block_creates:
                 assert getattr(entered, name) == f"value of {name}"
             if s.block_end == "raise":
@@ -329,6 +337,7 @@ async def run_async(s: Scenario, h: Harness, dm: DataManager) -> tuple[Any, Base
     ctx = dm.context({"scenario": "async"})
     try:
         async with ctx as entered:
+            h.idle_seen.add(entered._telemetry is None)
             for name in s.block_creates:
                 if s.resource(name).is_async:
                     value = await entered.aresource(name)
@@ -387,7 +396,7 @@ def check(s: Scenario, expected: Expected, h: Harness, capture: Capture, run: An
             ctx, escaped = run()
         finally:
             polydatum_telemetry.enable()
-        assert (ctx._telemetry is None) if not s.telemetry else True
+        assert h.idle_seen == {not s.telemetry}, f"idle as seen inside: {h.idle_seen}"
         assert trace.get_current_span() is root, "the current span was not restored"
         assert get_active_context() is outer, "the active context was not restored"
     if outer is not None:
