@@ -57,16 +57,38 @@ def postgres_url() -> str:
     return POSTGRES_URL
 
 
+def _global_telemetry() -> dict[str, object]:
+    """What decides, process-wide, whether a context records (besides structlog)."""
+    from opentelemetry import trace
+    from opentelemetry.metrics import _internal as metrics_internal
+
+    from polydatum import telemetry
+
+    return {
+        "polydatum enabled": telemetry._ENABLED,
+        "polydatum default tracer provider": telemetry._DEFAULT_TRACER_PROVIDER,
+        "polydatum default meter provider": telemetry._DEFAULT_METER_PROVIDER,
+        "global tracer provider": trace._TRACER_PROVIDER,
+        "global meter provider": metrics_internal._METER_PROVIDER,
+    }
+
+
 @pytest.fixture(autouse=True)
-def _structlog_left_as_found() -> Iterator[None]:
-    """Every test starts with structlog as the run started (unconfigured, unless the
-    environment configured it): a test that configures structlog and "restores" it with
+def _telemetry_left_as_found() -> Iterator[None]:
+    """Every test starts with telemetry as the run started, so that whether a context
+    records (the idle path or not) never depends on which tests ran before.
+
+    structlog is put back: a test that configures it and "restores" it with
     ``structlog.configure(**saved)`` leaves it *configured*, INFO on, and every later
-    context would then record -- the idle path would go untested, depending on order."""
+    context would record. The providers cannot be put back (OpenTelemetry sets its
+    global ones once): a test that changes them fails, naming what it left behind."""
     was_configured = structlog.is_configured()
     saved = structlog.get_config()
+    before = _global_telemetry()
     yield
     if was_configured:
         structlog.configure(**saved)
     else:
         structlog.reset_defaults()
+    leaked = [k for k, v in _global_telemetry().items() if v is not before[k]]
+    assert not leaked, f"the test changed process-wide telemetry: {', '.join(leaked)}"
