@@ -6,9 +6,10 @@ flat set-up loop, ``_teardown_idle``). Two bugs once lived only there (a bare
 hidden because the recording path was right. This test runs the same sequence of
 operations -- reading resources as attributes, through ``resource()`` and
 ``aresource()``, ``name in ctx``, DAL calls, before entering, inside and after exit --
-on a DataManager that records nothing and on one that records everything, and asserts
-that every step ends the same way: the same value, or the same exception type and
-message; then the same exception out of the context and the same exit errors.
+on a DataManager that records nothing, one that records everything and one that only
+logs at INFO (no OpenTelemetry provider anywhere), and asserts that every step ends the
+same way: the same value, or the same exception type and message; then the same
+exception out of the context and the same exit errors.
 """
 
 from __future__ import annotations
@@ -237,13 +238,15 @@ def _without_path_marker(log: list[Any]) -> list[Any]:
     return [entry for entry in log if not (isinstance(entry, tuple) and entry[0] == "idle")]
 
 
-def compare(idle_log: list[Any], recorded_log: list[Any]) -> None:
+def compare(idle_log: list[Any], recorded_log: list[Any], logged_log: list[Any]) -> None:
+    """The idle run against the two recording ones (everything; INFO logs only)."""
     assert ("idle", True) in idle_log, "the idle run recorded something"
     assert ("idle", False) in recorded_log, "the recorded run was idle"
-    for position, (a, b) in enumerate(
-        zip(_without_path_marker(idle_log), _without_path_marker(recorded_log), strict=True)
-    ):
-        assert a == b, f"step {position}: idle {a!r} != recording {b!r}"
+    assert ("idle", False) in logged_log, "the logged run was idle"
+    for label, other in (("recording", recorded_log), ("logging only", logged_log)):
+        pairs = zip(_without_path_marker(idle_log), _without_path_marker(other), strict=True)
+        for position, (a, b) in enumerate(pairs):
+            assert a == b, f"step {position}: idle {a!r} != {label} {b!r}"
 
 
 # ------------------------------------------------------------------ the tests
@@ -265,6 +268,8 @@ def test_sync_idle_and_recording_paths_agree(
     mw: tuple[str | None, str | None], before: Steps, inside: Steps, after: Steps, fail: bool
 ) -> None:
     idle_log = run_sync(mw, before, inside, after, fail)
+    with TelemetryCapture():  # no provider, but capturing logs turns INFO on
+        logged_log = run_sync(mw, before, inside, after, fail)
     with TelemetryCapture() as capture:
         recorded_log = run_sync(
             mw,
@@ -275,7 +280,7 @@ def test_sync_idle_and_recording_paths_agree(
             tracer_provider=capture.tracer_provider,
             meter_provider=capture.meter_provider,
         )
-    compare(idle_log, recorded_log)
+    compare(idle_log, recorded_log, logged_log)
 
 
 @settings(
@@ -294,6 +299,8 @@ def test_async_idle_and_recording_paths_agree(
     mw: tuple[str | None, str | None], before: Steps, inside: Steps, after: Steps, fail: bool
 ) -> None:
     idle_log = asyncio.run(run_async(mw, before, inside, after, fail))
+    with TelemetryCapture():  # no provider, but capturing logs turns INFO on
+        logged_log = asyncio.run(run_async(mw, before, inside, after, fail))
     with TelemetryCapture() as capture:
         recorded_log = asyncio.run(
             run_async(
@@ -306,4 +313,4 @@ def test_async_idle_and_recording_paths_agree(
                 meter_provider=capture.meter_provider,
             )
         )
-    compare(idle_log, recorded_log)
+    compare(idle_log, recorded_log, logged_log)
