@@ -15,7 +15,7 @@ exception out of the context and the same exit errors.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
@@ -238,12 +238,22 @@ def _without_path_marker(log: list[Any]) -> list[Any]:
     return [entry for entry in log if not (isinstance(entry, tuple) and entry[0] == "idle")]
 
 
-def compare(idle_log: list[Any], recorded_log: list[Any], logged_log: list[Any]) -> None:
-    """The idle run against the two recording ones (everything; INFO logs only)."""
+def agree(run: Callable[..., list[Any]], *scenario: Any) -> None:
+    """Run ``scenario`` idle, logging at INFO only, and recording everything; the idle
+    run must match the two others step by step."""
+    idle_log = run(*scenario)
+    with TelemetryCapture():  # no provider, but capturing logs turns INFO on
+        logged_log = run(*scenario)
+    with TelemetryCapture() as capture:
+        recorded_log = run(
+            *scenario,
+            tracer_provider=capture.tracer_provider,
+            meter_provider=capture.meter_provider,
+        )
     assert ("idle", True) in idle_log, "the idle run recorded something"
-    assert ("idle", False) in recorded_log, "the recorded run was idle"
     assert ("idle", False) in logged_log, "the logged run was idle"
-    for label, other in (("recording", recorded_log), ("logging only", logged_log)):
+    assert ("idle", False) in recorded_log, "the recorded run was idle"
+    for label, other in (("logging only", logged_log), ("recording", recorded_log)):
         pairs = zip(_without_path_marker(idle_log), _without_path_marker(other), strict=True)
         for position, (a, b) in enumerate(pairs):
             assert a == b, f"step {position}: idle {a!r} != {label} {b!r}"
@@ -251,12 +261,14 @@ def compare(idle_log: list[Any], recorded_log: list[Any], logged_log: list[Any])
 
 # ------------------------------------------------------------------ the tests
 
-
-@settings(
+many = settings(
     max_examples=EXAMPLES,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
+
+
+@many
 @given(
     mw=MIDDLEWARE_READS,
     before=steps(SYNC_OPS, 2),
@@ -267,27 +279,10 @@ def compare(idle_log: list[Any], recorded_log: list[Any], logged_log: list[Any])
 def test_sync_idle_and_recording_paths_agree(
     mw: tuple[str | None, str | None], before: Steps, inside: Steps, after: Steps, fail: bool
 ) -> None:
-    idle_log = run_sync(mw, before, inside, after, fail)
-    with TelemetryCapture():  # no provider, but capturing logs turns INFO on
-        logged_log = run_sync(mw, before, inside, after, fail)
-    with TelemetryCapture() as capture:
-        recorded_log = run_sync(
-            mw,
-            before,
-            inside,
-            after,
-            fail,
-            tracer_provider=capture.tracer_provider,
-            meter_provider=capture.meter_provider,
-        )
-    compare(idle_log, recorded_log, logged_log)
+    agree(run_sync, mw, before, inside, after, fail)
 
 
-@settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+@many
 @given(
     mw=MIDDLEWARE_READS,
     before=steps(ASYNC_OPS, 2),
@@ -298,19 +293,11 @@ def test_sync_idle_and_recording_paths_agree(
 def test_async_idle_and_recording_paths_agree(
     mw: tuple[str | None, str | None], before: Steps, inside: Steps, after: Steps, fail: bool
 ) -> None:
-    idle_log = asyncio.run(run_async(mw, before, inside, after, fail))
-    with TelemetryCapture():  # no provider, but capturing logs turns INFO on
-        logged_log = asyncio.run(run_async(mw, before, inside, after, fail))
-    with TelemetryCapture() as capture:
-        recorded_log = asyncio.run(
-            run_async(
-                mw,
-                before,
-                inside,
-                after,
-                fail,
-                tracer_provider=capture.tracer_provider,
-                meter_provider=capture.meter_provider,
-            )
-        )
-    compare(idle_log, recorded_log, logged_log)
+    agree(
+        lambda *args, **options: asyncio.run(run_async(*args, **options)),
+        mw,
+        before,
+        inside,
+        after,
+        fail,
+    )
