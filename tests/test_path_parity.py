@@ -92,6 +92,13 @@ class Items(Service):
     async def aread(self, name: str) -> Any:
         return await self._ctx.aresource(name)
 
+    def nested(self, name: str) -> Any:
+        assert self._dal is not None
+        return ("nested", self._dal.items.read(name))
+
+    def fail(self, name: str) -> None:
+        raise Fault(f"service failed on {name}")
+
     def _hidden(self) -> None:
         pass
 
@@ -110,16 +117,38 @@ def build(mw: tuple[str | None, str | None], log: list[Any], **options: Any) -> 
             if teardown_reads is not None:
                 log.append(("mw teardown", outcome(lambda: getattr(ctx, teardown_reads))))
 
+    def calls(request: Any, handler: Any) -> Any:
+        """Method middleware: logs each call's path, and what came back or was raised."""
+        path = ".".join(segment.name for segment in request.path)
+        try:
+            result = handler(request)
+        except BaseException as error:
+            log.append(("call", path, "raised", type(error).__qualname__, str(error)))
+            raise
+        log.append(("call", path, "ok", _value(result)))
+        return result
+
     dm = DataManager(**options)
     dm.register_resources(**RESOURCES)
     dm.register_services(items=Items())
     dm.register_context_middleware(reader)
+    dm.register_method_middleware(calls)
     return dm
 
 
 # ------------------------------------------------------------------ the operations
 
-SYNC_OPS = ["attr", "resource", "contains", "dal.read", "dal.missing", "dal._hidden"]
+SYNC_OPS = [
+    "attr",
+    "resource",
+    "contains",
+    "dal.read",
+    "dal.missing",
+    "dal._hidden",
+    "dal.nested",
+    "dal.fail",
+    "dal[path]",
+]
 ASYNC_OPS = [*SYNC_OPS, "aresource", "dal.aread"]
 
 
@@ -157,6 +186,12 @@ def sync_call(ctx: Any, op: str, name: str) -> Any:
         return lambda: ctx.dal.items.missing(name)
     if op == "dal._hidden":
         return lambda: ctx.dal.items._hidden()
+    if op == "dal.nested":
+        return lambda: ctx.dal.items.nested(name)
+    if op == "dal.fail":
+        return lambda: ctx.dal.items.fail(name)
+    if op == "dal[path]":
+        return lambda: ctx.dal["items.read"](name)
     raise AssertionError(op)
 
 
