@@ -24,6 +24,7 @@ from polydatum.errors import (
     RegistrationError,
     ValidationError,
 )
+from polydatum.lifecycle import callable_name
 from polydatum.meta import Meta
 from polydatum.middleware import (
     DalCommand,
@@ -148,6 +149,11 @@ class DataAccessLayer:
         # No method middleware of the user's and the stock resolver and handler: a
         # resolved call can go straight to the method (the common, hot case).
         self._bump()
+        # A sync method's call runs the sync chain: an ``async def`` middleware there
+        # would hand the caller a coroutine instead of the result (see _sync_result).
+        self._async_middleware: list[str] = [
+            callable_name(m) for m in self._middleware if _is_async_callable(m)
+        ]
         self._direct = (
             not self._middleware
             and self._default_middleware == [dal_method_resolver_middleware]
@@ -275,15 +281,35 @@ class DataAccessLayer:
                 return self._acall(request, resolved)
         telemetry = c._telemetry
         if telemetry is None or resolved is None:
-            return self._handler(request)
+            result = self._handler(request)
+            if self._async_middleware and resolved is not None:
+                self._check_sync_result(result, resolved)
+            return result
         step = telemetry.call_started(resolved.path, resolved.function)
         try:
             result = self._handler(request)
+            if self._async_middleware:
+                self._check_sync_result(result, resolved)
         except BaseException as error:
             telemetry.call_finished(step, error)
             raise
         telemetry.call_finished(step, None)
         return result
+
+    def _check_sync_result(self, result: Any, resolved: Resolved) -> None:
+        """A sync method called through ``async def`` method middleware got back an
+        awaitable: say so, instead of handing the caller an un-awaited coroutine."""
+        if not inspect.isawaitable(result):
+            return
+        if inspect.iscoroutine(result):
+            result.close()  # never started: the method did not run
+        names = ", ".join(self._async_middleware)
+        raise InvalidMiddleware(
+            f"dal.{resolved.path} is a sync method, but the method middleware {names} "
+            f"is async (it returned an awaitable, not the result). Make the method "
+            f"`async def` and await it, or make the middleware a plain function that "
+            f"returns handler(request) for sync methods."
+        )
 
     async def _acall(self, request: DalCommandRequest, resolved: Resolved) -> Any:
         telemetry = request.ctx._c._telemetry
@@ -390,6 +416,13 @@ class _DalPath(DalCommand):
                 return result
         dal: DataAccessLayer = self._handler.__self__  # type: ignore[attr-defined]
         return dal._call_names(self._names or self.names, args, kwargs, command=self)
+
+
+def _is_async_callable(obj: Any) -> bool:
+    """An ``async def`` function (or partial of one), or an object whose ``__call__`` is."""
+    return inspect.iscoroutinefunction(obj) or inspect.iscoroutinefunction(
+        getattr(obj, "__call__", None)  # noqa: B004 - the attribute itself
+    )
 
 
 def _async_link(middleware: Any, inner: Callable[[DalCommandRequest], Any]) -> Any:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import gc
+import inspect
 import threading
+import warnings
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -13,7 +16,7 @@ import pytest
 
 from polydatum import DataManager, Service
 from polydatum.context import DataAccessContext
-from polydatum.errors import MiddlewareSetupException, ResourceException
+from polydatum.errors import InvalidMiddleware, MiddlewareSetupException, ResourceException
 from polydatum.middleware import DalCommandRequest
 from polydatum.testing import TelemetryCapture
 
@@ -221,6 +224,66 @@ async def test_async_method_middleware() -> None:
     async with dm.dal({"user": "u"}) as dal:
         assert await dal.books.get(5) == "adb:5:u"
     assert seen == ["before books.get", "sync passthrough", "after"]
+
+
+SYNC_THROUGH_ASYNC_MW = (
+    "dal.books.sync_count is a sync method, but the method middleware audit is async "
+    "(it returned an awaitable, not the result). Make the method `async def` and await "
+    "it, or make the middleware a plain function that returns handler(request) for "
+    "sync methods."
+)
+
+
+@pytest.mark.parametrize("traced", [False, True], ids=["idle", "traced"])
+def test_async_method_middleware_around_a_sync_method_is_a_clear_error(traced: bool) -> None:
+    """The sync method's call cannot run an ``async def`` middleware: a clear error (and
+    the middleware's coroutine closed, never left un-awaited), not a coroutine handed
+    back as the result, in async and sync contexts alike."""
+    ran: list[str] = []
+
+    async def audit(request: DalCommandRequest, handler: Any) -> Any:
+        ran.append("audit")
+        result = handler(request)
+        return await result if inspect.isawaitable(result) else result
+
+    class Books(Service):
+        async def get(self, book_id: int) -> str:
+            return f"book {book_id}"
+
+        def sync_count(self) -> int:
+            return 42
+
+    with TelemetryCapture() if traced else contextlib.nullcontext() as cap:
+        dm = cap.data_manager() if cap is not None else DataManager()
+        dm.register_services(books=Books())
+        dm.register_method_middleware(audit)
+
+        async def in_async_context() -> Any:
+            async with dm.dal({"user": "u"}) as dal:
+                assert await dal.books.get(5) == "book 5"  # async methods: fine
+                with pytest.raises(InvalidMiddleware) as info:
+                    dal.books.sync_count()
+                return info.value
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # "coroutine ... was never awaited" would fail
+            assert str(asyncio.run(in_async_context())) == SYNC_THROUGH_ASYNC_MW
+            with pytest.raises(InvalidMiddleware) as info:
+                with dm.dal({"user": "u"}) as dal:
+                    dal.books.sync_count()
+            assert str(info.value) == SYNC_THROUGH_ASYNC_MW
+            gc.collect()
+        assert ran == ["audit"]  # the sync calls never started it
+        if cap is not None:
+            assert [
+                (s.name, s.status.status_code.name, s.attributes.get("error.type"))
+                for s in cap.exporter.get_finished_spans()
+                if s.name.startswith("books.")
+            ] == [
+                ("books.get", "UNSET", None),
+                ("books.sync_count", "ERROR", "polydatum.errors.InvalidMiddleware"),
+                ("books.sync_count", "ERROR", "polydatum.errors.InvalidMiddleware"),
+            ]
 
 
 async def test_concurrent_tasks_are_isolated() -> None:
