@@ -73,8 +73,8 @@ class _ServiceAttribute:
         if dal is None:
             return self
         command = self.command
-        if command is None or _active_lifecycle() is None:  # the latter raises, as 0.9.1 did
-            command = self.command = dal._command(self.name)
+        if command is None or (c := _active_lifecycle()) is None or c.ctx is None:
+            command = self.command = dal._command(self.name)  # raises outside a context
         return command
 
 
@@ -248,7 +248,7 @@ class DataAccessLayer:
         command: _DalPath | None = None,
     ) -> Any:
         c = _active_lifecycle()
-        if c is None:
+        if c is None or c.ctx is None:  # none, or one exited in another thread or task
             raise _no_context()
         resolved = self._resolved.get(names)
         if resolved is None:
@@ -331,7 +331,8 @@ class DataAccessLayer:
 
     def _command(self, name: str) -> DalCommand:
         """The command for ``dal.<name>``; ``dal.<name>`` needs an active context (0.9.1)."""
-        if _active_lifecycle() is None:
+        c = _active_lifecycle()
+        if c is None or c.ctx is None:  # none, or one exited in another thread or task
             raise _no_context()
         # Commands are immutable: the DAL hands out one per name (bounded), so that
         # ``dal.users.get(7)`` allocates no command objects on the hot path.
@@ -401,7 +402,7 @@ class _DalPath(DalCommand):
             # method directly (looked up every call: it may be patched), in a service
             # call span when the context records.
             c = _active_lifecycle()
-            if c is not None:
+            if c is not None and c.ctx is not None:  # else _call_names raises
                 target = fast[1]
                 telemetry = c._telemetry
                 if telemetry is None:

@@ -61,7 +61,7 @@ class Service:
     def _ctx(self) -> DataAccessContext:
         """The active context; ``RuntimeError`` when none is active."""
         c = _active_lifecycle()
-        if c is None:
+        if c is None or c.ctx is None:  # none, or one exited in another thread or task
             raise NoActiveContextError(
                 f"{type(self).__name__}._ctx used with no context active; call services "
                 f"inside `with dm.context():` (or `with dm.dal() as dal:`)."

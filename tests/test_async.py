@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from polydatum import DataManager, Service
+from polydatum import DataManager, Service, State, get_active_context
 from polydatum.context import DataAccessContext
 from polydatum.errors import InvalidMiddleware, MiddlewareSetupException, ResourceException
 from polydatum.middleware import DalCommandRequest
@@ -298,6 +298,81 @@ async def test_concurrent_tasks_are_isolated() -> None:
     results = await asyncio.gather(*(one(i) for i in range(50)))
     assert results == [(i, f"adb:{i}:u{i}", True) for i in range(50)]
     assert dm.get_active_context() is None
+
+
+NO_CONTEXT = (
+    "A DataAccessContext must be started to access the DAL: use `with dm.dal() as dal:` "
+    "or `with dm.context() as ctx:`."
+)
+
+
+def _who_manager() -> DataManager:
+    class Who(Service):
+        def me(self) -> Any:
+            return self._ctx.meta.user
+
+    dm = DataManager()
+    dm.register_services(who=Who())
+    return dm
+
+
+def _after_a_foreign_exit(dm: DataManager, ctx: DataAccessContext) -> list[Any]:
+    """What this thread or task sees once ``ctx``, entered here, was exited elsewhere: no
+    active context, and every way of reaching the DAL or a service's context says so."""
+    from polydatum.errors import NoActiveContextError
+
+    who = dm.get_dal()._services["who"]
+    seen: list[Any] = [get_active_context()]
+    for call in (
+        lambda: ctx.dal.who.me(),  # the command resolved and cached by the earlier call
+        lambda: dm.get_dal().who.me(),
+        lambda: dm.get_dal()["who.me"](),
+        lambda: dm.get_dal().who,
+        lambda: who._ctx,
+    ):
+        try:
+            seen.append(("returned", call()))
+        except NoActiveContextError as error:
+            seen.append(str(error))
+    return seen
+
+
+EXPECTED_AFTER_FOREIGN_EXIT = [
+    None,
+    NO_CONTEXT,
+    NO_CONTEXT,
+    NO_CONTEXT,
+    NO_CONTEXT,
+    "Who._ctx used with no context active; call services inside `with dm.context():` "
+    "(or `with dm.dal() as dal:`).",
+]
+
+
+def test_a_context_exited_in_another_thread_is_not_active_here_any_more() -> None:
+    """The active-context variable of the entering thread cannot be reset from the
+    exiting one; what it still holds must read as "no context", not as a dead one."""
+    dm = _who_manager()
+    ctx = dm.context({"user": "ann"})
+    ctx.__enter__()
+    assert ctx.dal.who.me() == "ann"
+    worker = threading.Thread(target=ctx.__exit__, args=(None, None, None))
+    worker.start()
+    worker.join()
+    assert ctx.state is State.EXITED
+    assert _after_a_foreign_exit(dm, ctx) == EXPECTED_AFTER_FOREIGN_EXIT
+    with dm.dal({"user": "bob"}) as dal:  # and a new context works as usual
+        assert dal.who.me() == "bob"
+    assert _after_a_foreign_exit(dm, ctx) == EXPECTED_AFTER_FOREIGN_EXIT
+
+
+async def test_a_context_exited_in_another_task_is_not_active_here_any_more() -> None:
+    dm = _who_manager()
+    ctx = dm.context({"user": "ann"})
+    await ctx.__aenter__()
+    assert ctx.dal.who.me() == "ann"
+    await asyncio.create_task(ctx.__aexit__(None, None, None))
+    assert ctx.state is State.EXITED
+    assert _after_a_foreign_exit(dm, ctx) == EXPECTED_AFTER_FOREIGN_EXIT
 
 
 def test_threads_are_isolated() -> None:
