@@ -419,6 +419,30 @@ class _DalPath(DalCommand):
         return dal._call_names(self._names or self.names, args, kwargs, command=self)
 
 
+def _public_methods(service: Any) -> list[tuple[str, Any]]:
+    """``(name, function)`` of each method the DAL reaches on ``service``, found
+    statically: a descriptor (a property, a ServiceSafe, ...) may need an active
+    context, and inspecting a registration must not run application code."""
+    from polydatum.services import Service
+
+    found = []
+    subs = service.__dict__.get("_services") or {}
+    base = dir(Service)
+    for attr in dir(type(service)):
+        if attr.startswith("_") or attr in subs:
+            continue
+        if attr in base and attr not in type(service).__dict__:
+            continue
+        static = inspect.getattr_static(service, attr)
+        if isinstance(static, (staticmethod, classmethod)):
+            static = static.__func__
+        if inspect.isfunction(static) or (
+            callable(static) and not hasattr(type(static), "__get__")
+        ):
+            found.append((attr, static))
+    return found
+
+
 def _is_async_callable(obj: Any) -> bool:
     """An ``async def`` function (or partial of one), or an object whose ``__call__`` is."""
     return inspect.iscoroutinefunction(obj) or inspect.iscoroutinefunction(
@@ -661,6 +685,27 @@ class DataManager:
                 )
 
         walk("", self._dal._services, dal_attrs)
+        if self._dal._async_middleware:
+            sync_methods: list[str] = []
+
+            def sync_walk(prefix: str, services: dict[str, Any]) -> None:
+                for name, service in services.items():
+                    sync_methods.extend(
+                        f"{prefix}{name}.{method}"
+                        for method, function in _public_methods(service)
+                        if not _is_async_callable(function)
+                    )
+                    sync_walk(f"{prefix}{name}.", service.__dict__.get("_services") or {})
+
+            sync_walk("", self._dal._services)
+            if sync_methods:
+                names = ", ".join(self._dal._async_middleware)
+                problems.append(
+                    f"method middleware {names} is async, so these sync methods cannot be "
+                    f"called through the DAL (each call raises InvalidMiddleware): "
+                    f"{', '.join(sync_methods)}; make them `async def`, or the middleware "
+                    f"a plain function that returns handler(request)"
+                )
         if problems and raise_on_error:
             raise ValidationError(problems)
         return problems
@@ -740,26 +785,9 @@ class DataManager:
 
     def describe(self) -> dict[str, Any]:
         """A plain description of the registration (used by ``polydatum inspect``)."""
-        from polydatum.services import Service
 
         def methods(service: Any) -> list[str]:
-            names = []
-            subs = service.__dict__.get("_services") or {}
-            for attr in dir(type(service)):
-                if attr.startswith("_") or attr in subs:
-                    continue
-                if attr in dir(Service) and attr not in type(service).__dict__:
-                    continue
-                # Static look-up only: a descriptor (a property, a Safe, ...) may need an
-                # active context, and inspecting must not run application code.
-                static = inspect.getattr_static(service, attr)
-                if isinstance(static, (staticmethod, classmethod)):
-                    static = static.__func__
-                if inspect.isfunction(static) or (
-                    callable(static) and not hasattr(type(static), "__get__")
-                ):
-                    names.append(attr)
-            return names
+            return [name for name, _ in _public_methods(service)]
 
         def tree(services: dict[str, Any]) -> dict[str, Any]:
             return {

@@ -57,6 +57,36 @@ def test_validate_reports_every_problem_at_once() -> None:
     assert dm.validate(raise_on_error=False) == problems
 
 
+def test_validate_reports_sync_methods_an_async_method_middleware_cannot_wrap() -> None:
+    class Books(Service):
+        async def get(self, book_id: int) -> int:
+            return book_id
+
+        def count(self) -> int:
+            return 1
+
+        @staticmethod
+        def columns() -> list[str]:
+            return []
+
+    class Shelves(Service):
+        async def list(self) -> list[str]:
+            return []
+
+    async def audit(request: Any, handler: Any) -> Any:
+        return await handler(request)
+
+    dm = DataManager()
+    dm.register_services(books=Books().register_services(shelves=Shelves()))
+    assert dm.validate(raise_on_error=False) == []
+    dm.register_method_middleware(audit)
+    assert dm.validate(raise_on_error=False) == [
+        "method middleware audit is async, so these sync methods cannot be called through "
+        "the DAL (each call raises InvalidMiddleware): books.columns, books.count; make "
+        "them `async def`, or the middleware a plain function that returns handler(request)"
+    ]
+
+
 def test_validate_clean_manager() -> None:
     dm = DataManager()
     dm.register_services(svc=Svc())
