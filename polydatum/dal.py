@@ -658,6 +658,8 @@ class DataManager:
 
         from polydatum.services import Service
 
+        sync_methods: list[str] = []
+
         def walk(prefix: str, services: dict[str, Any], reserved: set[str]) -> None:
             for name, service in services.items():
                 path = f"{prefix}{name}"
@@ -678,6 +680,12 @@ class DataManager:
                         f"service {path!r} is bound to another DataManager "
                         f"(it was registered elsewhere after this one)"
                     )
+                if self._dal._async_middleware:  # what an async method middleware can't wrap
+                    sync_methods.extend(
+                        f"{path}.{method}"
+                        for method, function in _public_methods(service)
+                        if not _is_async_callable(function)
+                    )
                 walk(
                     f"{path}.",
                     service.__dict__.get("_services") or {},
@@ -685,27 +693,14 @@ class DataManager:
                 )
 
         walk("", self._dal._services, dal_attrs)
-        if self._dal._async_middleware:
-            sync_methods: list[str] = []
-
-            def sync_walk(prefix: str, services: dict[str, Any]) -> None:
-                for name, service in services.items():
-                    sync_methods.extend(
-                        f"{prefix}{name}.{method}"
-                        for method, function in _public_methods(service)
-                        if not _is_async_callable(function)
-                    )
-                    sync_walk(f"{prefix}{name}.", service.__dict__.get("_services") or {})
-
-            sync_walk("", self._dal._services)
-            if sync_methods:
-                names = ", ".join(self._dal._async_middleware)
-                problems.append(
-                    f"method middleware {names} is async, so these sync methods cannot be "
-                    f"called through the DAL (each call raises InvalidMiddleware): "
-                    f"{', '.join(sync_methods)}; make them `async def`, or the middleware "
-                    f"a plain function that returns handler(request)"
-                )
+        if sync_methods:
+            names = ", ".join(self._dal._async_middleware)
+            problems.append(
+                f"method middleware {names} is async, so these sync methods cannot be "
+                f"called through the DAL (each call raises InvalidMiddleware): "
+                f"{', '.join(sync_methods)}; make them `async def`, or the middleware "
+                f"a plain function that returns handler(request)"
+            )
         if problems and raise_on_error:
             raise ValidationError(problems)
         return problems
