@@ -28,6 +28,7 @@ from types import AsyncGeneratorType, GeneratorType, TracebackType
 from typing import TYPE_CHECKING, Any
 
 from polydatum.errors import (
+    CommitError,
     ContextStateError,
     MiddlewareSetupException,
     ResourceException,
@@ -229,6 +230,7 @@ class _Lifecycle:
         self._resource_stack: list[tuple[Any, ...]] = []
         self._middleware_stack: list[tuple[Any, ...]] = []
         self._resource_exit_errors: list[ExcInfo] | None = None  # made on the first
+        self._commit_error: CommitError | None = None  # a resource lost the work
         self._shortcuts: list[str] | None = None  # names cached in ctx.__dict__
         self._telemetry: ContextTelemetry | None = None
         self._token: Token[_Lifecycle | None] | None = None
@@ -669,6 +671,8 @@ class _Lifecycle:
         """
         if setup_failed and final is None:
             final = exc
+        if final is None and self._commit_error is not None:
+            final = self._commit_error  # the work is lost: never a normal exit
         names = self._shortcuts
         if names:
             shortcuts = self.ctx.__dict__
@@ -882,6 +886,11 @@ class _Lifecycle:
             self._record_teardown_error(rec.name, error)
 
     def _record_teardown_error(self, resource: str, error: BaseException) -> None:
+        if isinstance(error, CommitError) and self._commit_error is None:
+            # Not suppressed: it ends the context (see _end). Its teardown span
+            # already carries it; later ones are recorded as usual.
+            self._commit_error = error
+            return
         self.exit_errors().append((type(error), error, error.__traceback__))
         if self._telemetry is not None:
             self._telemetry.teardown_error(resource, error)

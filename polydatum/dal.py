@@ -18,6 +18,7 @@ from polydatum.context import (
 )
 from polydatum.errors import (
     AlreadyExistsException,
+    ContextStateError,
     DalMethodError,
     InvalidMiddleware,
     NoActiveContextError,
@@ -45,6 +46,15 @@ if TYPE_CHECKING:
     from polydatum.services import Service
 
 MethodMiddleware = Callable[[DalCommandRequest, Callable[[DalCommandRequest], Any]], Any]
+
+
+def _sync_caller(path: str) -> ContextStateError:
+    """An ``async def`` service method called in a context entered with a sync ``with``."""
+    return ContextStateError(
+        f"dal.{path} is an `async def` method, but the active context was entered with a "
+        f"sync `with`: enter it with `async with dm.context()` (or `async with dm.dal()`) "
+        f"and call `await dal.{path}(...)`."
+    )
 
 
 def _no_context() -> NoActiveContextError:
@@ -278,6 +288,8 @@ class DataAccessLayer:
             request.dal_method = getattr(resolved.service, resolved.method)
             request._resolved_path = path
             if resolved.is_async:
+                if not c._is_async:
+                    raise _sync_caller(resolved.path)
                 return self._acall(request, resolved)
         telemetry = c._telemetry
         if telemetry is None or resolved is None:
@@ -312,7 +324,13 @@ class DataAccessLayer:
         )
 
     async def _acall(self, request: DalCommandRequest, resolved: Resolved) -> Any:
-        telemetry = request.ctx._c._telemetry
+        c = request.ctx._c
+        if c.ctx is None:  # the call was made in the context, awaited after it ended
+            raise ContextStateError(
+                f"dal.{resolved.path}(...) was awaited after its context ended: await a "
+                f"DAL call inside the `async with dm.context()` block that made it."
+            )
+        telemetry = c._telemetry
         if telemetry is None:
             return await self._ahandler(request)
         step = telemetry.call_started(resolved.path, resolved.function)

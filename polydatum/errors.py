@@ -71,6 +71,36 @@ class ResourceSetupException(ResourceException):
     """A resource generator returned without yielding during setup."""
 
 
+class CommitError(ResourceException):
+    """A resource could not make the context's work durable: its COMMIT failed or was refused.
+
+    Raised by a resource while it tears down (the SQL resource raises it when the
+    database rejects the commit, or had already aborted the transaction). Unlike every
+    other resource teardown error it is **not suppressed**: the context's work is lost,
+    so the ``with`` block raises it (an HTTP integration answers 5xx, a Celery task
+    fails) instead of completing as if the work were saved. The database's own error
+    is its ``__cause__``. It is not in ``get_resource_exit_errors()``: it is raised, not
+    swallowed.
+    """
+
+
+class ErrorResponse(PolydatumException):
+    """The context of a request that was answered with an error status.
+
+    HTTP integrations end a request's context with this error when the response
+    status is an error (by default ``>= 400``) and no exception reached the context,
+    so that resources roll back instead of committing work the client was told
+    failed. ``status`` is the HTTP status. The integration does not re-raise it: the
+    response already tells the client.
+    """
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+        super().__init__(
+            f"the response status is {status}, an error: the request's work is rolled back"
+        )
+
+
 class UnknownResourceError(ResourceException, AttributeError):
     """No resource is registered under the name asked for.
 

@@ -12,7 +12,27 @@
 
 Importing a module whose framework is not installed raises :class:`ImportError`
 naming the extra to install. This package itself only holds what they share:
-disposing resources at shutdown and generating request ids.
+the request-boundary rule (:func:`close_for_response`), disposing resources at
+shutdown and generating request ids.
+
+The request boundary
+--------------------
+Every HTTP integration ends the request's context *before* the response status goes
+out, with what the response says about the request:
+
+* an exception the framework turned into a response itself (an ``HTTPException``, an
+  exception handler, ``abort``) ends the context with that exception: middleware see
+  it, resources roll back;
+* otherwise an error status -- by default ``status >= 400``, configurable with
+  ``error_status=`` -- ends it with :class:`~polydatum.errors.ErrorResponse`: the work
+  rolls back and the response is sent as the application made it;
+* otherwise the context ends normally and commits.
+
+If ending the context raises (a failed commit, a middleware or teardown error that
+propagates), the application's response is not sent: the error goes to the
+framework, which answers 5xx. If the context rolled back for an exception while the
+application answered with a success status, that exception is raised too: a 2xx or
+3xx would claim work that was rolled back.
 """
 
 from __future__ import annotations
@@ -20,19 +40,112 @@ from __future__ import annotations
 import inspect
 import re
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import structlog
 
+from polydatum.errors import ErrorResponse
+
 if TYPE_CHECKING:
+    from polydatum.context import DataAccessContext
     from polydatum.dal import DataManager
 
 __all__ = [
+    "ErrorStatus",
     "accept_request_id",
+    "aclose_for_response",
     "adispose_resources",
+    "close_for_response",
     "dispose_resources",
+    "is_error_status",
     "new_request_id",
 ]
+
+#: Decides whether a response status is an error, whose request's work rolls back.
+ErrorStatus = Callable[[int], bool]
+
+
+def is_error_status(status: int) -> bool:
+    """The default rule: 4xx and 5xx roll the request's work back; 1xx-3xx commit it.
+
+    3xx commit because a redirect after a successful POST is how web forms answer.
+    """
+    return status >= 400
+
+
+def _ending(
+    status: int, handled: BaseException | None, error_status: ErrorStatus
+) -> BaseException | None:
+    """The exception a request's context ends with, given its response."""
+    if handled is not None:
+        return handled
+    if error_status(status):
+        return ErrorResponse(status)
+    return None
+
+
+def _surfaced(status: int, ending: BaseException | None, raised: BaseException | None) -> bool:
+    """Whether ``raised`` (what ending the context with ``ending`` raised, None if it
+    exited normally) must replace the application's response with an error."""
+    if raised is None:
+        return False  # committed, or a middleware suppressed the error on purpose
+    if raised is not ending:
+        return True  # a failed commit, or a teardown / middleware error
+    # The error the request ended with came back: its work rolled back, as it should.
+    # The response stands if it says so (an error status); a success status would lie.
+    return not (isinstance(raised, ErrorResponse) or status >= 400)
+
+
+def close_for_response(
+    ctx: DataAccessContext,
+    status: int,
+    handled: BaseException | None = None,
+    error_status: ErrorStatus = is_error_status,
+) -> None:
+    """End a request's (sync) context before its response goes out (see the module docs).
+
+    ``status`` is the response the application made, ``handled`` the exception the
+    framework turned into it (if any). Returns when the response may be sent; raises
+    the error that must replace it (the framework then answers 5xx).
+    """
+    ending = _ending(status, handled, error_status)
+    raised: BaseException | None
+    try:
+        if ending is None:
+            ctx.__exit__(None, None, None)
+            raised = None
+        else:
+            suppressed = ctx.__exit__(type(ending), ending, ending.__traceback__)
+            raised = None if suppressed else ending
+    except BaseException as error:
+        raised = error
+    if _surfaced(status, ending, raised):
+        assert raised is not None
+        raise raised
+
+
+async def aclose_for_response(
+    ctx: DataAccessContext,
+    status: int,
+    handled: BaseException | None = None,
+    error_status: ErrorStatus = is_error_status,
+) -> None:
+    """:func:`close_for_response` for a context entered with ``async with``."""
+    ending = _ending(status, handled, error_status)
+    raised: BaseException | None
+    try:
+        if ending is None:
+            await ctx.__aexit__(None, None, None)
+            raised = None
+        else:
+            suppressed = await ctx.__aexit__(type(ending), ending, ending.__traceback__)
+            raised = None if suppressed else ending
+    except BaseException as error:
+        raised = error
+    if _surfaced(status, ending, raised):
+        assert raised is not None
+        raise raised
 
 
 def missing_framework(module: str, package: str, extra: str, error: ImportError) -> NoReturn:
