@@ -951,6 +951,24 @@ class DataAccessContext:
         """What records this context (``None`` when nothing does)."""
         return self._c._telemetry
 
+    @property
+    def enclosing(self) -> DataAccessContext | None:
+        """The context that was active in this thread or task when this one was entered.
+
+        ``None`` for a context that is not nested (or not entered, or exited), and once
+        the enclosing context has exited. Resources use it to cooperate with the outer
+        context's handle instead of opening a second one (the SQL resource shares the
+        outer session, inside a SAVEPOINT, so nested contexts never wait on each other).
+        """
+        token = self._c._token
+        if token is None:
+            return None
+        outer = token.old_value
+        if outer is Token.MISSING or outer is None:
+            return None
+        found: DataAccessContext | None = outer.ctx
+        return found
+
     def get_resource_exit_errors(self) -> list[ExcInfo]:
         """Errors resources raised while tearing down, as ``sys.exc_info()`` triples."""
         return self._c.exit_errors()
