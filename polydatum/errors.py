@@ -101,6 +101,42 @@ class ErrorResponse(PolydatumException):
         )
 
 
+class HandledAsSuccess(PolydatumException):
+    """The application answered a success status for an exception that rolled the work back.
+
+    The exception reached the request's context (the framework turned it into a
+    response while handling it), so the context rolled back; a 1xx-3xx status would
+    tell the client the work was done. The response is not sent: this error is raised
+    instead (its ``__cause__`` is the handled exception) and the framework answers 500.
+    A new error rather than the handled exception raised again, because an outer layer
+    with the same handlers (Starlette's app-level ExceptionMiddleware) would catch that
+    one again. To make such a response stand, a context middleware suppresses the
+    exception on purpose: the work then commits.
+    """
+
+    def __init__(self, status: int, handled: BaseException) -> None:
+        self.status = status
+        self.handled = handled
+        super().__init__(
+            f"the application answered {status} for {type(handled).__qualname__}, but the "
+            "request's work was rolled back for that exception: the response is not sent"
+        )
+
+
+class IncompleteResponse(PolydatumException):
+    """A request's response was not delivered complete: its work rolls back.
+
+    The client disconnected during a streaming response, a write to it failed, or the
+    application returned without finishing its response. The request's context ends
+    with this error; it is not raised (the server deals with the response). ``reason``
+    says which of these happened.
+    """
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"{reason}: the request's work is rolled back")
+
+
 class UnknownResourceError(ResourceException, AttributeError):
     """No resource is registered under the name asked for.
 

@@ -7,8 +7,10 @@ key, codec, value) holds every namespace; it is created on first use.
 Using it
 --------
 From an application configured with :func:`polydatum.sql.configure_sql` (which
-registers the ``safe`` resource on the same URL as ``db``), a service declares its
-own namespace with :class:`ServiceSafe` and uses ``self.safe`` like a dict::
+registers the ``safe`` resource beside ``db``: the same database on a server, a
+sibling file on SQLite -- ``app.db`` -> ``app.safe.db`` -- always through an engine
+and pool of its own), a service declares its own namespace with :class:`ServiceSafe`
+and uses ``self.safe`` like a dict::
 
     from polydatum import DataManager, Service
     from polydatum.safe import ServiceSafe
@@ -65,6 +67,12 @@ Guarantees
   at the same moment) and must have no side effects nor use the safe itself.
 * **Namespaced:** two namespaces never see each other's keys (``len``, iteration,
   ``clear`` included).
+* **Never waits for the context's session** (as configured by ``configure_sql``):
+  safe operations and reads/writes through ``ctx.db`` interleave in any order in a
+  context, and contexts holding every connection of the session's pool still reach
+  the safe, because the safe has its own pool and, on SQLite, its own file (one
+  writer per file: the session keeps the write lock until the context commits). A
+  store built on the session's engine (``SafeStore(resource.engine)``) gives that up.
 * **Values are JSON** (``None``, ``bool``, ``int``, finite ``float``, ``str``, lists,
   tuples -- read back as lists -- and dicts with string keys). Anything else raises
   :class:`TypeError` naming where in the value the problem is, and nothing is
@@ -269,7 +277,8 @@ class SafeStore:
 
     ``url_or_engine``: a URL (resolved by :func:`polydatum.sql.database_url`; the
     store then owns its engine) or a SQLAlchemy :class:`~sqlalchemy.Engine` to share
-    (e.g. ``SQLResource.engine``). ``serializer``: ``"json"`` (default) or
+    (not a context session's: the safe would then wait for the sessions' locks and
+    connections; see the module docs). ``serializer``: ``"json"`` (default) or
     ``"pickle"``. It is also a resource: ``dm.register_resources(safe=store)`` makes
     ``ctx.safe`` this store.
     """

@@ -26,12 +26,20 @@ The pieces
     ``server.port`` (when the URL names it); polydatum adds them to the resource's
     setup/teardown spans. Passwords never appear in attributes or ``repr``.
 
-    A failed *commit* in this form is a resource teardown error: polydatum rolls
-    back, records it (teardown span ERROR, warning log, counter,
-    ``ctx.get_resource_exit_errors()``) and, as for every resource, does not raise
-    it from the ``with`` block unless the DataManager uses
-    ``teardown_errors="raise"``. Applications whose callers must see a failed commit
-    use :func:`transaction_middleware`.
+    A failed *commit* is never success: the resource rolls back and raises
+    :class:`polydatum.errors.CommitError` (``__cause__``: the database's error),
+    which polydatum does not suppress like other teardown errors -- it is raised
+    out of the ``with`` block (context span and teardown span ERROR) and is not in
+    ``ctx.get_resource_exit_errors()``. So a request that completes normally has
+    its work committed. :func:`transaction_middleware` commits earlier, while
+    middleware tear down, and raises the database's own error instead.
+
+    Nor is committing a transaction in which a statement failed: see "Caught
+    statement errors" below. The session belongs to its context: once the context
+    has ended it refuses any further use (a statement, ``add``/``flush``,
+    ``commit``, ``begin``) with :class:`polydatum.errors.ContextStateError`, before
+    taking a connection (:data:`SESSION_ENDED_MESSAGE`). A nested context shares
+    the session (see "Nested contexts").
 
 ``AsyncSQLResource(url=None, ...)``
     The same with :class:`sqlalchemy.ext.asyncio.AsyncSession`, as an async-generator
@@ -43,16 +51,56 @@ The pieces
     rolls back when the middleware tears down -- *before* resources tear down, so a
     failed commit (or any error) propagates out of the ``with`` block like an error
     raised in it. The resource then only closes the session (it never commits twice).
+    If a middleware outside it suppresses the error it rolled back for, the resource
+    raises :class:`~polydatum.errors.CommitError`: the work is gone, so the context
+    must not complete as if it were saved.
 
 ``savepoint(session)`` / ``asavepoint(session)``
     A nested unit of work: ``with savepoint(ctx.db): ...`` releases the SAVEPOINT when
     the block succeeds and rolls back to it (re-raising) when it fails; the enclosing
-    transaction carries on. Works on SQLite too (see below).
+    transaction carries on. Works on SQLite too (see below). A block that completes
+    although one of its statements failed (its error caught inside the block) is
+    rolled back to the savepoint and raises :class:`TransactionAbortedError`.
 
 ``configure_sql(dm, url=None, settings=None, ...) -> SQLBackend``
     The one line an application needs: registers ``db`` (a :class:`SQLResource`, or an
     :class:`AsyncSQLResource` with ``asyncio=True``) and ``safe`` (a
-    :class:`polydatum.safe.SafeStore` on the same URL) on ``dm``.
+    :class:`polydatum.safe.SafeStore`) on ``dm``. The safe always has its own engine
+    and pool -- on ``safe_url``, else :func:`safe_database_url`: the same database on a
+    server, a sibling file on SQLite (``app.db`` -> ``app.safe.db``) -- so that a safe
+    operation never waits for the context's session (SQLite has one writer per file,
+    and the session holds that lock until it commits) nor for a connection that
+    sessions hold (as many concurrent contexts as the pool has connections would
+    otherwise leave none for the safe).
+
+Caught statement errors
+-----------------------
+On PostgreSQL a failed statement aborts the transaction: later statements are
+refused and COMMIT silently becomes ROLLBACK. SQLite would commit the transaction's
+other statements. polydatum makes every backend behave the same: engine events record
+each statement that fails inside a transaction (``handle_error``; every driver,
+asyncpg included) and forget the ones inside a savepoint that was rolled back; before
+committing, the resource (or the transaction middleware) also asks psycopg whether
+PostgreSQL considers the transaction aborted. If a statement failed and its error was
+caught -- by the service, or suppressed by a middleware -- nothing is committed: the
+transaction is rolled back and :class:`TransactionAbortedError` (a ``CommitError``;
+``__cause__``: the caught error) is raised out of the ``with`` block. Run a statement
+that may fail inside :func:`savepoint` instead. (Sessions from other resources, which
+:func:`transaction_middleware` still commits, are not checked.)
+
+Nested contexts
+---------------
+A context entered while an enclosing context (the nearest, then outwards:
+``ctx.enclosing``) has the session of *the same resource object* open, in the same
+thread and asyncio task, gets that session, inside a SAVEPOINT: success releases the
+savepoint (its writes commit or roll back with the enclosing transaction), failure
+rolls back to it and the error propagates as usual; the nested context never commits
+or closes the enclosing session, and its transaction middleware only releases or
+rolls back the savepoint. So nested contexts never wait on the enclosing one's locks.
+Contexts in other threads or tasks, contexts entered before the enclosing one opened
+its session, and other resource objects (even on the same database) have sessions of
+their own: these can deadlock on rows the enclosing context locked (SQLite: once it
+wrote anything) until ``lock_timeout`` / ``busy_timeout``.
 
 The same URL works for both flavours: ``postgresql://`` means psycopg 3 (sync and
 async), ``sqlite:///`` becomes ``sqlite+aiosqlite:///`` for the async resource and
@@ -73,23 +121,28 @@ Only parameterised SQL: nothing here formats a value into a statement.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import threading
+import weakref
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 try:
-    from sqlalchemy import Engine, create_engine, event, text
-    from sqlalchemy.engine import URL, make_url
-    from sqlalchemy.exc import ArgumentError
+    from sqlalchemy import Connection, Engine, create_engine, event, text
+    from sqlalchemy.engine import URL, ExceptionContext, make_url
+    from sqlalchemy.exc import ArgumentError, DBAPIError
     from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
-    from sqlalchemy.orm import Session, SessionTransaction
+    from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError(
         "polydatum.sql needs SQLAlchemy 2.x: pip install 'polydatum[sql]' "
         "(and 'polydatum[postgres]' for PostgreSQL)"
     ) from error
+
+from polydatum.errors import CommitError, ContextStateError
 
 if TYPE_CHECKING:
     from polydatum.context import DataAccessContext
@@ -102,11 +155,13 @@ __all__ = [
     "AsyncSQLResource",
     "SQLBackend",
     "SQLResource",
+    "TransactionAbortedError",
     "asavepoint",
     "async_transaction_middleware",
     "configure_sql",
     "create_sql_engine",
     "database_url",
+    "safe_database_url",
     "savepoint",
     "transaction_middleware",
 ]
@@ -281,6 +336,7 @@ def create_sql_engine(
     engine = create_engine(parsed, **options)
     if pragmas is not None:
         _install_sqlite_hooks(engine, pragmas)
+    _install_failure_tracking(engine)
     return engine
 
 
@@ -294,10 +350,225 @@ def create_async_sql_engine(
     engine = create_async_engine(parsed, **options)
     if pragmas is not None:
         _install_sqlite_hooks(engine.sync_engine, pragmas)
+    _install_failure_tracking(engine.sync_engine)
     return engine
 
 
+# ------------------------------------------------------------ statement failures
+#
+# Why this exists: on PostgreSQL a failed statement aborts the whole transaction and a
+# later COMMIT silently becomes ROLLBACK; on SQLite the transaction's other statements
+# commit. Either way, a context whose error was caught (by the service, or suppressed
+# by a middleware) would look successful with its work lost or half-done. So each
+# transaction records its failed statements through engine events (every driver goes
+# through them, asyncpg included), a savepoint that is rolled back forgives what
+# failed inside it, and the resource refuses to commit the rest.
+
+_FAILURES = "polydatum.failures"  # Connection.info: the _Failures of its open transaction
+_CONNECTIONS = "polydatum.connections"  # Session.info: (root transaction, its connections)
+_ENDED = "polydatum.context_ended"  # Session.info: the context that owned it has ended
+#: libpq's PQTRANS_INERROR, which psycopg 2 and 3 report as ``info.transaction_status``.
+_PQTRANS_INERROR = 3
+
+
+class _Failures:
+    """The failed statements of one database transaction, per savepoint level.
+
+    ``levels[0]`` is the transaction, ``levels[i]`` its i-th open savepoint; each
+    holds the first error a statement raised at that level, or ``None``. Lives in
+    ``Connection.info`` from BEGIN to COMMIT/ROLLBACK (removed then, so that no error,
+    with its traceback, stays on a pooled connection).
+    """
+
+    __slots__ = ("levels",)
+
+    def __init__(self) -> None:
+        self.levels: list[BaseException | None] = [None]
+
+
+def _failures_of(conn: Connection) -> _Failures | None:
+    # An invalidated connection (the server went away) has no DBAPI connection to
+    # hold them, and its transaction can only be rolled back.
+    if conn.closed or conn.invalidated:
+        return None
+    failures: _Failures | None = conn.info.get(_FAILURES)
+    return failures
+
+
+def _track_begin(conn: Connection) -> None:
+    if not conn.invalidated:
+        conn.info[_FAILURES] = _Failures()
+
+
+def _track_end(conn: Connection) -> None:
+    if not conn.closed and not conn.invalidated:
+        conn.info.pop(_FAILURES, None)
+
+
+def _track_savepoint(conn: Connection, name: str | None) -> None:
+    failures = _failures_of(conn)
+    if failures is not None:
+        failures.levels.append(None)
+
+
+def _track_rollback_savepoint(conn: Connection, name: str | None, context: Any) -> None:
+    # Rolled back: what failed inside is undone with it and no longer counts.
+    # (SQLAlchemy closes savepoints innermost first, so the top level is this one.)
+    failures = _failures_of(conn)
+    if failures is not None and len(failures.levels) > 1:
+        failures.levels.pop()
+
+
+def _track_release_savepoint(conn: Connection, name: str | None, context: Any) -> None:
+    # Released: its statements join the enclosing level, and so do its failures.
+    failures = _failures_of(conn)
+    if failures is not None and len(failures.levels) > 1:
+        failed = failures.levels.pop()
+        if failures.levels[-1] is None:
+            failures.levels[-1] = failed
+
+
+def _track_error(context: ExceptionContext) -> None:
+    # Only errors the database raised (DBAPIError): a TypeError while binding a
+    # parameter never reached the database and aborts nothing.
+    conn = context.connection
+    error = context.sqlalchemy_exception
+    if conn is None or not isinstance(error, DBAPIError):
+        return
+    failures = _failures_of(conn)
+    if failures is not None and failures.levels[-1] is None:
+        failures.levels[-1] = error
+
+
+def _install_failure_tracking(engine: Engine) -> None:
+    event.listen(engine, "begin", _track_begin)
+    event.listen(engine, "commit", _track_end)
+    event.listen(engine, "rollback", _track_end)
+    event.listen(engine, "savepoint", _track_savepoint)
+    event.listen(engine, "rollback_savepoint", _track_rollback_savepoint)
+    event.listen(engine, "release_savepoint", _track_release_savepoint)
+    event.listen(engine, "handle_error", _track_error)
+
+
+def _remember_connection(session: Session, transaction: Any, connection: Connection) -> None:
+    """Session ``after_begin``: note the connections of the session's transaction, so
+    that the checks before COMMIT read them without checking one out."""
+    root = session.get_transaction()
+    entry = session.info.get(_CONNECTIONS)
+    if entry is None or entry[0] is not root:
+        session.info[_CONNECTIONS] = (root, [connection])
+    elif not any(known is connection for known in entry[1]):
+        entry[1].append(connection)
+
+
+#: What a session kept past its context says when it is used again.
+SESSION_ENDED_MESSAGE = (
+    "this SQL session belonged to a polydatum context that has ended: its work was "
+    "committed or rolled back and its connection returned to the pool. Use ctx.db only "
+    "inside `with dm.context() as ctx:` (or `async with`), and start a new context for "
+    "more work"
+)
+
+
+def _refuse_after_context(session: Session, transaction: SessionTransaction) -> None:
+    """Session ``after_transaction_create``: a session whose context has ended refuses
+    every new transaction (so every statement, flush, commit and begin), before it
+    could check out a connection."""
+    if transaction.parent is None and session.info.get(_ENDED):
+        transaction.close()  # leave the session as it was: no transaction, no connection
+        raise ContextStateError(SESSION_ENDED_MESSAGE)
+
+
+# The class of the sessions the resources create: a plain Session (same name, same
+# behaviour) whose events are scoped to polydatum's sessions by a sessionmaker.
+_session_maker: sessionmaker[Session] = sessionmaker()
+event.listen(_session_maker, "after_begin", _remember_connection)
+event.listen(_session_maker, "after_transaction_create", _refuse_after_context)
+_ContextSession: type[Session] = _session_maker.class_
+
+
+def _connections_of(session: Session) -> list[Connection]:
+    root = session.get_transaction()
+    entry = session.info.get(_CONNECTIONS)
+    if root is None or entry is None or entry[0] is not root:
+        return []
+    return [c for c in entry[1] if not c.closed and not c.invalidated]
+
+
+def _is_open(session: Session, transaction: SessionTransaction) -> bool:
+    """Whether the savepoint ``transaction`` is still open in ``session``."""
+    current = session.get_nested_transaction()
+    while current is not None:
+        if current is transaction:
+            return True
+        current = current.parent
+    return False
+
+
+def _next_level(session: Session) -> int:
+    """The failure level the savepoint begun last will have once emitted."""
+    for conn in _connections_of(session):
+        failures = _failures_of(conn)
+        if failures is not None:
+            return len(failures.levels)
+    return 1  # not begun yet: BEGIN is level 0, the savepoint level 1
+
+
+def _postgres_aborted(conn: Connection) -> bool:
+    """psycopg (2 or 3) says the transaction is aborted (``INERROR``)."""
+    if conn.dialect.name != "postgresql":
+        return False
+    try:
+        status = conn.connection.driver_connection.info.transaction_status  # type: ignore[union-attr]
+        return int(status) == _PQTRANS_INERROR
+    except Exception:  # asyncpg and others report no status: the tracked failures cover them
+        return False
+
+
+def _failure_in(
+    session: Session, savepoint: SessionTransaction | None, depth: int
+) -> tuple[str, BaseException | None] | None:
+    """Why committing the session's transaction (``savepoint=None``) or releasing
+    ``savepoint`` would not keep all of its work: a statement failed at ``depth`` or
+    deeper and its error was caught. ``(reason, error)``, or ``None`` when all is well."""
+    root = session.get_transaction()
+    if root is None:
+        return None
+    current: SessionTransaction | None = session.get_nested_transaction() or root
+    while current is not None:  # a flush that failed deactivates its transaction
+        if not current.is_active:
+            return "a flush failed and SQLAlchemy rolled the transaction back", None
+        if current is savepoint:
+            break
+        current = current.parent
+    for conn in _connections_of(session):
+        failures = _failures_of(conn)
+        if failures is not None:
+            for error in failures.levels[depth:]:
+                if error is not None:
+                    return _reason(error), error
+        if _postgres_aborted(conn):
+            return "PostgreSQL reports the transaction as aborted", None
+    return None
+
+
+class TransactionAbortedError(CommitError):
+    """A statement failed inside the transaction and its error was caught: nothing was committed.
+
+    PostgreSQL aborts a transaction at its first failed statement and turns the COMMIT
+    into a ROLLBACK; SQLite would commit the transaction's other statements. polydatum
+    does the same on every backend: it rolls back and raises this instead of
+    committing, so a context never looks successful with its work lost or half-done.
+    Let the error propagate, or run the statement that may fail inside
+    :func:`savepoint` (:func:`asavepoint`), which rolls back only that statement. The
+    caught error, when known, is the ``__cause__``.
+    """
+
+
 # --------------------------------------------------------------------- resources
+
+_SYNC_HELPER = "`with savepoint(ctx.db):`"
+_ASYNC_HELPER = "`async with asavepoint(session):`"
 
 
 def _rollback_then_raise(session: Session, error: BaseException) -> None:
@@ -305,6 +576,224 @@ def _rollback_then_raise(session: Session, error: BaseException) -> None:
         session.rollback()
     except Exception as rollback_error:
         raise rollback_error from error
+
+
+def _reason(error: BaseException) -> str:
+    """A short, safe description of why a database call failed, for error messages.
+
+    The driver's own message (first line) rather than SQLAlchemy's, which appends the
+    SQL and its bound parameters (data that must not end up in logs and spans). A
+    ``__str__`` that raises is never a second failure.
+    """
+    cause = getattr(error, "orig", None) or error
+    try:
+        message = str(cause).strip()
+    except Exception:
+        message = "<unprintable message>"
+    first = message.splitlines()[0] if message else ""
+    if len(first) > 200:
+        first = first[:197] + "..."
+    name = type(cause).__name__
+    return f"{name}: {first}" if first else name
+
+
+def _owner() -> tuple[int, object]:
+    """Who may share a session: this thread and, inside an event loop, this task."""
+    try:
+        task: object = asyncio.current_task()
+    except RuntimeError:  # no running event loop
+        task = None
+    return threading.get_ident(), task
+
+
+class _Unit:
+    """One context's unit of work on a session: the session's whole transaction (the
+    context that opened the session) or a SAVEPOINT in it (a context nested in that one).
+
+    Synchronous code on the sync :class:`~sqlalchemy.orm.Session`; the asyncio resource
+    runs each step through :meth:`AsyncSession.run_sync`. ``handle`` is what the
+    resource yields (the Session, or the AsyncSession around it).
+    """
+
+    __slots__ = (
+        "depth",
+        "finished",
+        "handle",
+        "helper",
+        "managed",
+        "owner",
+        "rolled_back_by",
+        "savepoint",
+        "session",
+    )
+
+    def __init__(
+        self,
+        handle: Any,
+        session: Session,
+        savepoint: SessionTransaction | None,
+        depth: int,
+        owner: tuple[int, object],
+        helper: str,
+    ) -> None:
+        self.handle = handle
+        self.session = session
+        self.savepoint = savepoint
+        self.depth = depth
+        self.owner = owner
+        self.helper = helper
+        self.managed = False  # the transaction middleware commits or rolls back
+        self.finished = False  # committed or rolled back
+        self.rolled_back_by: BaseException | None = None  # by the middleware, because of
+
+    @property
+    def _whose(self) -> str:
+        return "the context's" if self.savepoint is None else "the nested context's"
+
+    def rollback(self, error: BaseException) -> None:
+        """Undo the unit's work because of ``error`` (a failing rollback is raised from it)."""
+        self.finished = True
+        try:
+            if self.savepoint is None:
+                self.session.rollback()
+            elif _is_open(self.session, self.savepoint):
+                self.savepoint.rollback()
+        except Exception as rollback_error:
+            raise rollback_error from error
+
+    def commit(self, *, raw: bool) -> None:
+        """Make the unit's work durable: COMMIT, or RELEASE its savepoint.
+
+        Refused (rolled back, :class:`TransactionAbortedError`) when a statement of the
+        unit failed and its error was caught. A failing COMMIT/RELEASE is rolled back
+        and raised: as the database's own error when ``raw`` (the transaction
+        middleware), else as :class:`~polydatum.errors.CommitError`.
+        """
+        self.finished = True
+        session, savepoint = self.session, self.savepoint
+        if savepoint is not None and not _is_open(session, savepoint):
+            return  # the context's own code committed or rolled it back
+        failed = _failure_in(session, savepoint, self.depth)
+        if failed is not None:
+            reason, cause = failed
+            where, undone = (
+                ("its transaction", "nothing was committed")
+                if savepoint is None
+                else (
+                    "its savepoint",
+                    "it was rolled back to the savepoint (the enclosing context carries on)",
+                )
+            )
+            aborted = TransactionAbortedError(
+                f"{self._whose} work was not committed: a statement failed inside {where} "
+                f"and its error was caught ({reason}), so {undone}. Let the error "
+                f"propagate, or run the statement that may fail inside {self.helper}, "
+                f"which rolls back only that statement"
+            )
+            self.rollback(aborted)
+            raise aborted from cause
+        try:
+            if savepoint is None:
+                session.commit()
+            elif savepoint.is_active:
+                savepoint.commit()
+        except Exception as db_error:
+            self.rollback(db_error)
+            if raw:
+                raise
+            refused = (
+                "the database refused the COMMIT"
+                if savepoint is None
+                else "the database refused to release its savepoint"
+            )
+            undone = "the transaction was" if savepoint is None else "it was"
+            raise CommitError(
+                f"{self._whose} work was not committed: {refused} ({_reason(db_error)}); "
+                f"{undone} rolled back"
+            ) from db_error
+        except BaseException as interrupt:  # KeyboardInterrupt, cancellation: as they are
+            self.rollback(interrupt)
+            raise
+
+    def finish(self) -> None:
+        """The context succeeded: commit, unless the transaction middleware manages it."""
+        legacy_managed = self.savepoint is None and self.session.info.get(MANAGED)
+        if not (self.managed or legacy_managed):
+            self.commit(raw=False)
+        elif self.rolled_back_by is not None:
+            raise CommitError(
+                f"{self._whose} work was not committed: transaction_middleware rolled it "
+                f"back because of an error ({_reason(self.rolled_back_by)}) that a "
+                f"middleware registered before it then suppressed. Register "
+                f"transaction_middleware first, so that it sees what every other "
+                f"middleware did to the error"
+            ) from self.rolled_back_by
+        elif not self.finished and self.managed:
+            self.commit(raw=False)
+
+    def close(self) -> None:
+        """The context has ended: close the session it opened (never an enclosing one's)."""
+        if self.savepoint is None:
+            try:
+                self.session.close()
+            finally:
+                self.session.info.pop(_CONNECTIONS, None)
+                self.session.info[_ENDED] = True
+
+
+class _OpenUnits:
+    """The units of the contexts that have one resource's session open, by context.
+
+    Keyed by ``id(context)`` and checked against a weak reference, so that a context
+    class need not be hashable and a context that is never exited is not kept alive.
+    """
+
+    __slots__ = ("_by_id",)
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, tuple[weakref.ref[DataAccessContext], _Unit]] = {}
+
+    def add(self, context: DataAccessContext, unit: _Unit) -> None:
+        self._by_id[id(context)] = (weakref.ref(context), unit)
+
+    def get(self, context: DataAccessContext) -> _Unit | None:
+        entry = self._by_id.get(id(context))
+        return entry[1] if entry is not None and entry[0]() is context else None
+
+    def remove(self, context: DataAccessContext) -> None:
+        if self.get(context) is not None:
+            del self._by_id[id(context)]
+
+
+def _enclosing_unit(
+    units: _OpenUnits,
+    context: DataAccessContext,
+    owner: tuple[int, object],
+) -> _Unit | None:
+    """The open unit of this resource in the nearest enclosing context, if it may be
+    shared: same thread and task (a session is not safe to use concurrently), and not
+    yet committed or rolled back."""
+    outer = context.enclosing
+    while outer is not None:
+        unit = units.get(outer)
+        if unit is not None:
+            return unit if unit.owner == owner and not unit.finished else None
+        outer = outer.enclosing
+    return None
+
+
+def _in_greenlet(method: Callable[..., None]) -> Callable[..., None]:
+    """``method`` as an :meth:`AsyncSession.run_sync` callable (which passes the session first)."""
+
+    def run(session: Session, *args: Any, **kwargs: Any) -> None:
+        method(*args, **kwargs)
+
+    return run
+
+
+def _begin_nested(session: Session) -> tuple[SessionTransaction, int]:
+    savepoint = session.begin_nested()
+    return savepoint, _next_level(session)
 
 
 class SQLResource:
@@ -329,27 +818,32 @@ class SQLResource:
         self.session_options: dict[str, Any] = {"expire_on_commit": False}
         self.session_options.update(session_options or {})
         self.telemetry_attributes: dict[str, str | int] = telemetry_attributes_for(self.url)
+        self._units = _OpenUnits()  # of the contexts that have this resource's session open
 
     def __call__(self, context: DataAccessContext) -> Generator[Session, None, None]:
-        session = Session(self.engine, **self.session_options)
+        owner = _owner()
+        outer = _enclosing_unit(self._units, context, owner)
+        if outer is None:
+            session = _ContextSession(self.engine, **self.session_options)
+            unit = _Unit(session, session, None, 0, owner, _SYNC_HELPER)
+        else:  # nested in a context that has this resource's session open: share it
+            savepoint, depth = _begin_nested(outer.session)
+            unit = _Unit(outer.session, outer.session, savepoint, depth, owner, _SYNC_HELPER)
+        self._units.add(context, unit)
         try:
-            yield session
+            yield unit.session
         except BaseException as error:
-            _rollback_then_raise(session, error)
+            unit.rollback(error)
             raise
         else:
-            if not session.info.get(MANAGED):
-                try:
-                    session.commit()
-                except BaseException as error:
-                    _rollback_then_raise(session, error)
-                    raise
+            unit.finish()
         finally:
-            session.close()
+            self._units.remove(context)
+            unit.close()
 
     def session(self) -> Session:
         """A new session on this resource's engine, outside any context (scripts, tests)."""
-        return Session(self.engine, **self.session_options)
+        return _ContextSession(self.engine, **self.session_options)
 
     def ping(self) -> None:
         """Health check: ``SELECT 1`` on a pooled connection; raises when the database is down."""
@@ -379,33 +873,42 @@ class AsyncSQLResource:
         self.session_options: dict[str, Any] = {"expire_on_commit": False}
         self.session_options.update(session_options or {})
         self.telemetry_attributes: dict[str, str | int] = telemetry_attributes_for(self.url)
+        self._units = _OpenUnits()
+
+    def _new_session(self) -> AsyncSession:
+        options = {"sync_session_class": _ContextSession, **self.session_options}
+        return AsyncSession(self.engine, **options)
 
     async def __call__(self, context: DataAccessContext) -> AsyncIterator[AsyncSession]:
-        session = AsyncSession(self.engine, **self.session_options)
+        owner = _owner()
+        outer = _enclosing_unit(self._units, context, owner)
+        if outer is None:
+            session = self._new_session()
+            unit = _Unit(session, session.sync_session, None, 0, owner, _ASYNC_HELPER)
+        else:  # nested in a context that has this resource's session open: share it
+            session = outer.handle
+            savepoint, depth = await session.run_sync(_begin_nested)
+            unit = _Unit(session, session.sync_session, savepoint, depth, owner, _ASYNC_HELPER)
+        self._units.add(context, unit)
         try:
             yield session
         except BaseException as error:
-            try:
-                await session.rollback()
-            except Exception as rollback_error:
-                raise rollback_error from error
+            await session.run_sync(_in_greenlet(unit.rollback), error)
             raise
         else:
-            if not session.info.get(MANAGED):
-                try:
-                    await session.commit()
-                except BaseException as error:
-                    try:
-                        await session.rollback()
-                    except Exception as rollback_error:
-                        raise rollback_error from error
-                    raise
+            await session.run_sync(_in_greenlet(unit.finish))
         finally:
-            await session.close()
+            self._units.remove(context)
+            if unit.savepoint is None:
+                try:
+                    await session.close()
+                finally:
+                    session.sync_session.info.pop(_CONNECTIONS, None)
+                    session.sync_session.info[_ENDED] = True
 
     def session(self) -> AsyncSession:
         """A new async session on this resource's engine, outside any context."""
-        return AsyncSession(self.engine, **self.session_options)
+        return self._new_session()
 
     async def ping(self) -> None:
         """Health check: ``SELECT 1`` (``await dm.aping()`` calls it)."""
@@ -423,6 +926,15 @@ class AsyncSQLResource:
 # ------------------------------------------------------------------- middleware
 
 
+def _unit_of(context: DataAccessContext, resource_name: str) -> _Unit | None:
+    """The context's unit of the resource ``resource_name``, if polydatum's resource
+    made the session (else ``None``: another resource's session, managed the old way)."""
+    resource = context.data_manager.get_resource(resource_name)
+    if isinstance(resource, SQLResource | AsyncSQLResource):
+        return resource._units.get(context)
+    return None
+
+
 def transaction_middleware(resource_name: str = "db") -> Callable[..., Generator[None, None, None]]:
     """Context middleware: one transaction for the whole context, committed at its end.
 
@@ -430,25 +942,44 @@ def transaction_middleware(resource_name: str = "db") -> Callable[..., Generator
     opened when the context starts (no connection is taken until the first
     statement); when the middleware tears down it commits if no error reached it,
     rolls back otherwise, and a failed commit is rolled back and raised out of the
-    ``with`` block. Register it *first* so that it is the outermost middleware and
-    sees what every other middleware did to the error.
+    ``with`` block (the database's own error). Register it *first* so that it is the
+    outermost middleware and sees what every other middleware did to the error: if
+    a middleware outside it suppresses the error it rolled back for, the resource
+    raises :class:`~polydatum.errors.CommitError` (the work is lost; the context must
+    not look successful). In a nested context sharing the enclosing context's
+    session, it releases or rolls back the nested context's savepoint only.
     """
 
     def sql_transaction(context: DataAccessContext) -> Generator[None, None, None]:
         session: Session = context.resource(resource_name)
-        session.info[MANAGED] = True
+        unit = _unit_of(context, resource_name)
+        if unit is None:  # a session polydatum did not make: the session.info protocol
+            yield from _session_transaction(session)
+            return
+        unit.managed = True
         try:
             yield
         except BaseException as error:
-            _rollback_then_raise(session, error)
+            unit.rollback(error)
+            unit.rolled_back_by = error
             raise
-        try:
-            session.commit()
-        except BaseException as error:
-            _rollback_then_raise(session, error)
-            raise
+        unit.commit(raw=True)
 
     return sql_transaction
+
+
+def _session_transaction(session: Session) -> Generator[None, None, None]:
+    session.info[MANAGED] = True
+    try:
+        yield
+    except BaseException as error:
+        _rollback_then_raise(session, error)
+        raise
+    try:
+        session.commit()
+    except BaseException as error:
+        _rollback_then_raise(session, error)
+        raise
 
 
 def async_transaction_middleware(
@@ -458,43 +989,78 @@ def async_transaction_middleware(
 
     async def sql_transaction(context: DataAccessContext) -> AsyncIterator[None]:
         session: AsyncSession = await context.aresource(resource_name)
-        session.info[MANAGED] = True
+        unit = _unit_of(context, resource_name)
+        if unit is None:  # a session polydatum did not make: the session.info protocol
+            session.info[MANAGED] = True
+        else:
+            unit.managed = True
         try:
             yield
         except BaseException as error:
-            try:
-                await session.rollback()
-            except Exception as rollback_error:
-                raise rollback_error from error
+            if unit is None:
+                await session.run_sync(_rollback_then_raise, error)
+            else:
+                await session.run_sync(_in_greenlet(unit.rollback), error)
+                unit.rolled_back_by = error
             raise
-        try:
-            await session.commit()
-        except BaseException as error:
+        if unit is None:
             try:
-                await session.rollback()
-            except Exception as rollback_error:
-                raise rollback_error from error
-            raise
+                await session.commit()
+            except BaseException as error:
+                await session.run_sync(_rollback_then_raise, error)
+                raise
+        else:
+            await session.run_sync(_in_greenlet(unit.commit), raw=True)
 
     return sql_transaction
+
+
+# ------------------------------------------------------------------- savepoints
+
+
+def _close_savepoint(session: Session, nested: SessionTransaction, error: BaseException) -> None:
+    if _is_open(session, nested):
+        try:
+            nested.rollback()
+        except Exception as rollback_error:
+            raise rollback_error from error
+
+
+def _release_savepoint(session: Session, nested: SessionTransaction, depth: int) -> None:
+    if not _is_open(session, nested):
+        return  # the block committed or rolled back itself
+    failed = _failure_in(session, nested, depth)
+    if failed is not None:
+        reason, cause = failed
+        aborted = TransactionAbortedError(
+            f"the savepoint's work was rolled back: a statement failed inside it and its "
+            f"error was caught ({reason}). Let the error propagate out of the savepoint "
+            f"block, or run the statement that may fail inside a savepoint of its own"
+        )
+        _close_savepoint(session, nested, aborted)
+        raise aborted from cause
+    if nested.is_active:
+        nested.commit()
 
 
 @contextmanager
 def savepoint(session: Session) -> Iterator[SessionTransaction]:
     """A nested unit of work: SAVEPOINT on entry, RELEASE on success, ROLLBACK TO on error.
 
-    The error is re-raised; the enclosing transaction is intact and may continue.
+    The error is re-raised; the enclosing transaction is intact and may continue. A
+    block that completes although one of its statements failed (the error was caught
+    inside it) is rolled back to the savepoint and raises
+    :class:`TransactionAbortedError`: PostgreSQL could not release it, and SQLite
+    would keep half of it.
     """
-    nested = session.begin_nested()
+    nested, depth = _begin_nested(session)
     try:
         yield nested
-    except BaseException:
-        if nested.is_active:
-            nested.rollback()
+    except BaseException as error:
+        _close_savepoint(session, nested, error)
         raise
     else:
-        if nested.is_active:
-            nested.commit()
+        _release_savepoint(session, nested, depth)
 
 
 @asynccontextmanager
@@ -502,18 +1068,39 @@ async def asavepoint(session: AsyncSession) -> AsyncIterator[Any]:
     """:func:`savepoint` for an :class:`~sqlalchemy.ext.asyncio.AsyncSession`."""
     nested = session.begin_nested()
     await nested.start()
+    sync_nested = nested.sync_transaction
+    assert sync_nested is not None  # started
+    depth = _next_level(session.sync_session)
     try:
         yield nested
-    except BaseException:
-        if nested.is_active:
-            await nested.rollback()
+    except BaseException as error:
+        await session.run_sync(_close_savepoint, sync_nested, error)
         raise
     else:
-        if nested.is_active:
-            await nested.commit()
+        await session.run_sync(_release_savepoint, sync_nested, depth)
 
 
 # ------------------------------------------------------------------ configuration
+
+
+def safe_database_url(url: str) -> str:
+    """The database :func:`configure_sql` gives the safe for the application's ``url``.
+
+    A server database (PostgreSQL...) is the same URL: the safe uses the same
+    database through its own pool. A SQLite file gets a sibling file, ``.safe``
+    inserted before the extension -- ``sqlite:///app.db`` → ``sqlite:///app.safe.db``,
+    ``sqlite:///data/app`` → ``sqlite:///data/app.safe`` -- because SQLite has one
+    writer per file, and the context's session holds that lock until it commits. An
+    in-memory database (``sqlite://``) stays in memory: the safe's own.
+    """
+    parsed = _parse(url)
+    database = parsed.database or ""
+    if parsed.get_backend_name() != "sqlite" or database in ("", ":memory:"):
+        return url
+    if database.startswith("file:") and "mode=memory" in database:
+        return url
+    root, extension = os.path.splitext(database)
+    return parsed.set(database=f"{root}.safe{extension}").render_as_string(hide_password=False)
 
 
 @dataclass(frozen=True)
@@ -525,11 +1112,18 @@ class SQLBackend:
     safe: SafeStore | None
 
     def dispose(self) -> None:
-        """Close the sync pools (the safe's and a sync ``db``'s); use ``adispose`` for async."""
+        """Close the sync pools (the safe's and a sync ``db``'s); use :meth:`adispose` for
+        an asyncio ``db``."""
         if isinstance(self.db, SQLResource):
             self.db.dispose()
         if self.safe is not None:
             self.safe.dispose()
+
+    async def adispose(self) -> None:
+        """Close every pool, the asyncio ``db``'s included."""
+        if isinstance(self.db, AsyncSQLResource):
+            await self.db.dispose()
+        self.dispose()
 
 
 def configure_sql(
@@ -541,6 +1135,7 @@ def configure_sql(
     asyncio: bool = False,
     resource_name: str = "db",
     safe_name: str | None = "safe",
+    safe_url: str | None = None,
     serializer: str = "json",
     transaction: bool = False,
 ) -> SQLBackend:
@@ -548,26 +1143,30 @@ def configure_sql(
 
     The URL is resolved by :func:`database_url` (code, ``settings``, the environment,
     the SQLite default). ``asyncio=True`` registers an :class:`AsyncSQLResource`.
-    ``safe_name=None`` registers no safe; ``serializer`` is the safe's value format
-    (``"json"``, or ``"pickle"`` for trusted data only). ``transaction=True`` also
-    registers :func:`transaction_middleware` (sync) or
-    :func:`async_transaction_middleware` so that a failed commit raises.
+    ``safe_name=None`` registers no safe; the safe has its own engine and pool, on
+    ``safe_url`` or else :func:`safe_database_url` of the URL (the same server
+    database; a sibling file on SQLite), so that it never waits for the context's
+    session nor competes with it for connections. ``engine_options`` apply to both
+    engines. ``serializer`` is the safe's value format (``"json"``, or ``"pickle"``
+    for trusted data only). ``transaction=True`` also registers
+    :func:`transaction_middleware` (sync) or :func:`async_transaction_middleware`.
     """
     from polydatum.safe import SafeStore
 
     resolved = database_url(url, settings)
     db: SQLResource | AsyncSQLResource
-    safe: SafeStore | None = None
     if asyncio:
         db = AsyncSQLResource(resolved, engine_options=engine_options)
-        if safe_name is not None:
-            safe = SafeStore(resolved, serializer=serializer, engine_options=engine_options)
     else:
         db = SQLResource(resolved, engine_options=engine_options)
-        if safe_name is not None:
-            safe = SafeStore(db.engine, serializer=serializer)
+    safe: SafeStore | None = None
     resources: dict[str, Any] = {resource_name: db}
-    if safe is not None and safe_name is not None:
+    if safe_name is not None:
+        safe = SafeStore(
+            safe_url or safe_database_url(resolved),
+            serializer=serializer,
+            engine_options=engine_options,
+        )
         resources[safe_name] = safe
     dm.register_resources(**resources)
     if transaction:

@@ -4,6 +4,12 @@
 server (a fresh schema per test, selected through ``search_path`` in the URL, and
 dropped afterwards). Under CI a missing PostgreSQL fails (``postgres_url`` fixture).
 Everything a test creates through ``backend.track(...)`` is disposed at the end.
+
+``backend.bounded_options()`` are engine options under which no wait is long: a
+lock held by another connection fails the statement after ``LOCK_WAIT_MS``
+(SQLite ``busy_timeout``, PostgreSQL ``lock_timeout``) and a pool checkout after
+``POOL_WAIT_S``. Tests of "never blocks" use them, so that a regression fails the
+test in seconds instead of hanging it.
 """
 
 from __future__ import annotations
@@ -18,6 +24,11 @@ import pytest
 from sqlalchemy import create_engine, text
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+#: How long a statement may wait for a lock under ``bounded_options()``.
+LOCK_WAIT_MS = 2000
+#: How long a pool checkout may wait under ``bounded_options()``.
+POOL_WAIT_S = 5
 
 
 @dataclass
@@ -34,6 +45,18 @@ class Backend:
         self._tracked.append(thing)
         return thing
 
+    def bounded_options(self, **extra: Any) -> dict[str, Any]:
+        """Engine options that turn every lock or pool wait into an error within seconds."""
+        options: dict[str, Any] = {"pool_timeout": POOL_WAIT_S}
+        if self.name == "sqlite":
+            options["sqlite_pragmas"] = {"busy_timeout": LOCK_WAIT_MS}
+        else:  # connect_args replace the URL's options: repeat the search_path
+            options["connect_args"] = {
+                "options": f"-csearch_path={self.schema} -clock_timeout={LOCK_WAIT_MS}"
+            }
+        options.update(extra)
+        return options
+
     def dispose(self) -> None:
         for thing in reversed(self._tracked):
             dispose = getattr(thing, "dispose", None)
@@ -48,6 +71,11 @@ def _is_async(thing: Any) -> bool:
     from polydatum.sql import AsyncSQLResource
 
     return isinstance(thing, AsyncEngine | AsyncSQLResource)
+
+
+def checked_out(engine: Any) -> int:
+    """How many connections of ``engine``'s pool are in use now (sync or async engine)."""
+    return int(getattr(engine, "sync_engine", engine).pool.checkedout())
 
 
 def postgres_schema_url(base: str, schema: str) -> str:
@@ -67,7 +95,11 @@ def backend(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Backend]:
         return
     base = request.getfixturevalue("postgres_url")
     schema = f"pd_{secrets.token_hex(6)}"
-    admin = create_engine(base, isolation_level="AUTOCOMMIT")
+    # lock_timeout: a connection a test leaked with a transaction open makes DROP SCHEMA
+    # fail (naming the leak) instead of waiting for it forever.
+    admin = create_engine(
+        base, isolation_level="AUTOCOMMIT", connect_args={"options": "-clock_timeout=20000"}
+    )
     try:
         with admin.connect() as conn:
             conn.execute(text(f'CREATE SCHEMA "{schema}"'))

@@ -8,13 +8,25 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import sql_backends
-from sql_backends import REPO_ROOT, Backend, worker_env
-from sqlalchemy import select
+from sql_backends import REPO_ROOT, Backend, checked_out, worker_env
+from sqlalchemy import (
+    Column,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    create_engine,
+    insert,
+    inspect,
+    select,
+    text,
+)
 
 from polydatum import DataManager, Service
 from polydatum.safe import (
@@ -24,7 +36,7 @@ from polydatum.safe import (
     SafeStore,
     ServiceSafe,
 )
-from polydatum.sql import configure_sql
+from polydatum.sql import SQLBackend, configure_sql, safe_database_url
 from polydatum.testing import TelemetryCapture
 
 backend = sql_backends.backend  # the fixture: SQLite and PostgreSQL
@@ -170,7 +182,12 @@ def test_pickle_refused_unless_enabled(backend: Backend, store: SafeStore) -> No
         "enabled (unpickling runs code). Open the store with serializer='pickle' only if "
         "every writer of this database is trusted."
     )
-    for read in (lambda s: s.items(), lambda s: s.get("p"), lambda s: s.pop("p")):
+    reads: list[Callable[[Any], Any]] = [
+        lambda s: s.items(),
+        lambda s: s.get("p"),
+        lambda s: s.pop("p"),
+    ]
+    for read in reads:
         with pytest.raises(PickleRefused):
             read(store.safe("objects"))
     assert store.safe("objects").keys() == ["p", "plain"]  # keys need no unpickling
@@ -433,7 +450,7 @@ def test_sigkill_loses_no_returned_assignment(
     assert proc.stdin is not None and proc.stdout is not None
     proc.stdin.write("go\n")
     proc.stdin.flush()
-    returned = []
+    returned: list[str] = []
     while len(returned) < 2500:
         returned.append(proc.stdout.readline().rstrip("\n"))
     os.kill(proc.pid, signal.SIGKILL)
@@ -449,3 +466,171 @@ def test_sigkill_loses_no_returned_assignment(
     assert missing == []
     # At most the one assignment in flight when the process died went through unacknowledged.
     assert len(returned) <= len(stored) <= len(returned) + 1
+
+
+# ------------------------------------------------- the safe beside the session (issue 13)
+
+metadata = MetaData()
+notes = Table(
+    "notes",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("body", String(100), nullable=False),
+)
+
+
+class Notes(Service):
+    """The service of docs/backends.md: a safe update, then a write through ``ctx.db``."""
+
+    safe = ServiceSafe("notes")
+
+    def add(self, body: str) -> int:
+        note_id = int(self.safe.update("next_id", lambda n: n + 1, default=0))
+        self._ctx.db.execute(insert(notes).values(id=note_id, body=body))
+        return note_id
+
+    def bodies(self) -> dict[int, str]:
+        return {i: b for i, b in self._ctx.db.execute(select(notes.c.id, notes.c.body))}
+
+
+def make_app(backend: Backend, **options: Any) -> tuple[DataManager, SQLBackend]:
+    """configure_sql with bounded lock and pool waits: a regression fails in seconds."""
+    options.setdefault("engine_options", backend.bounded_options())
+    dm = DataManager()
+    sql: SQLBackend = backend.track(configure_sql(dm, backend.url, **options))
+    metadata.create_all(sql.db.engine)  # type: ignore[arg-type]
+    dm.register_services(notes=Notes())
+    return dm, sql
+
+
+def stored_notes(backend: Backend) -> dict[int, str]:
+    """What the database holds, read with a fresh engine."""
+    engine = create_engine(backend.url)
+    try:
+        with engine.connect() as conn:
+            return {i: b for i, b in conn.execute(select(notes.c.id, notes.c.body))}
+    finally:
+        engine.dispose()
+
+
+def stored_safe(sql: SQLBackend, namespace: str) -> list[tuple[str, Any]]:
+    """What the safe holds, read with a fresh store on the same database."""
+    assert sql.safe is not None
+    fresh = SafeStore(sql.safe.engine.url.render_as_string(hide_password=False))
+    try:
+        return fresh.safe(namespace).items()
+    finally:
+        fresh.dispose()
+
+
+def test_safe_database_url_is_a_sibling_file_on_sqlite_and_the_same_database_elsewhere() -> None:
+    assert safe_database_url("sqlite:///app.db") == "sqlite:///app.safe.db"
+    assert safe_database_url("sqlite:////var/lib/app/data.sqlite3") == (
+        "sqlite:////var/lib/app/data.safe.sqlite3"
+    )
+    assert safe_database_url("sqlite:///data/app") == "sqlite:///data/app.safe"
+    assert safe_database_url("sqlite+aiosqlite:///app.db?timeout=5") == (
+        "sqlite+aiosqlite:///app.safe.db?timeout=5"
+    )
+    for stays in ("sqlite://", "sqlite:///:memory:", "postgresql://app:pw@db:5432/app"):
+        assert safe_database_url(stays) == stays
+
+
+def test_configure_sql_gives_the_safe_its_own_engine(backend: Backend, tmp_path: Any) -> None:
+    _, sql = make_app(backend)
+    assert sql.safe is not None and sql.safe.engine is not sql.db.engine
+    expected = safe_database_url(backend.url)
+    assert sql.safe.engine.url.render_as_string(hide_password=False) == (
+        expected if backend.name == "sqlite" else sql.db.engine.url.render_as_string(False)
+    )
+    other = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    chosen = backend.track(configure_sql(DataManager(), backend.url, safe_url=other))
+    assert chosen.safe.engine.url.render_as_string(hide_password=False) == other
+
+
+@pytest.mark.parametrize("transaction", [False, True], ids=["resource", "middleware"])
+def test_reads_safe_writes_and_writes_interleave_in_one_context(
+    backend: Backend, transaction: bool
+) -> None:
+    dm, sql = make_app(backend, transaction=transaction)
+    started = time.monotonic()
+    with dm.context() as ctx:
+        assert ctx.dal.notes.bodies() == {}  # a read through ctx.db ...
+        ctx.safe.safe("app")["seen"] = 1  # ... a safe write ...
+        ctx.db.execute(insert(notes).values(id=100, body="direct"))  # ... a write
+        assert ctx.dal.notes.add("first") == 1  # safe write, write (the docs' service)
+        assert ctx.dal.notes.add("second") == 2  # and again, after the session wrote
+        ctx.safe.safe("app")["seen"] = 2
+        assert ctx.dal.notes.bodies() == {100: "direct", 1: "first", 2: "second"}
+    assert time.monotonic() - started < sql_backends.LOCK_WAIT_MS / 1000  # nothing waited
+    assert stored_notes(backend) == {100: "direct", 1: "first", 2: "second"}
+    assert stored_safe(sql, "app") == [("seen", 2)]
+    assert stored_safe(sql, "notes") == [("next_id", 2)]
+    assert checked_out(sql.db.engine) == 0
+
+
+def test_the_safes_first_use_inside_a_context_after_a_write(backend: Backend) -> None:
+    dm, sql = make_app(backend)
+    assert sql.safe is not None
+    safe_engine = create_engine(sql.safe.engine.url)
+    try:
+        assert not inspect(safe_engine).has_table("polydatum_safe")
+        with dm.context() as ctx:
+            ctx.db.execute(insert(notes).values(id=1, body="written first"))
+            ctx.safe.safe("app")["k"] = "v"  # CREATE TABLE, then the write
+            ctx.db.execute(insert(notes).values(id=2, body="written after"))
+        assert inspect(safe_engine).has_table("polydatum_safe")
+    finally:
+        safe_engine.dispose()
+    assert stored_notes(backend) == {1: "written first", 2: "written after"}
+    assert stored_safe(sql, "app") == [("k", "v")]
+
+
+def test_a_failed_context_keeps_its_safe_writes_and_rolls_back_its_db_writes(
+    backend: Backend,
+) -> None:
+    dm, sql = make_app(backend)
+    with pytest.raises(Boom, match="^the request failed$"), dm.dal() as dal:
+        assert dal.notes.add("rolled back") == 1
+        raise Boom("the request failed")
+    assert stored_notes(backend) == {}
+    assert stored_safe(sql, "notes") == [("next_id", 1)]  # durable at once, not undone
+
+
+def test_as_many_threads_as_pool_connections_use_the_session_and_the_safe(
+    backend: Backend,
+) -> None:
+    size = 3
+    dm, sql = make_app(
+        backend, engine_options=backend.bounded_options(pool_size=size, max_overflow=0)
+    )
+    held: list[int] = []
+    # Every thread holds its session's connection (the whole pool) before any uses the
+    # safe: with one pool for both, each safe operation would wait for a connection
+    # that no one gives back.
+    barrier = threading.Barrier(
+        size, action=lambda: held.append(checked_out(sql.db.engine)), timeout=20
+    )
+    errors: list[BaseException] = []
+
+    def request(i: int) -> None:
+        try:
+            with dm.context() as ctx:
+                ctx.db.execute(text("SELECT 1"))  # checks out the connection
+                barrier.wait()
+                ctx.safe.safe("threads").update("n", lambda n: n + 1, default=0)
+                ctx.db.execute(insert(notes).values(id=i, body=f"thread {i}"))
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=request, args=(i,)) for i in range(size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert [t.is_alive() for t in threads] == [False] * size
+    assert errors == []
+    assert held == [size]
+    assert stored_notes(backend) == {i: f"thread {i}" for i in range(size)}
+    assert stored_safe(sql, "threads") == [("n", size)]
+    assert checked_out(sql.db.engine) == 0

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
 import sql_backends
-from sql_backends import Backend, postgres_schema_url
+from sql_backends import Backend, checked_out, postgres_schema_url
 from sqlalchemy import ForeignKey, String, create_engine, event, insert, select, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -17,14 +18,20 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from polydatum import DataManager, Service
 from polydatum.context import DataAccessContext
+from polydatum.errors import CommitError, ContextStateError
 from polydatum.sql import (
     DEFAULT_DATABASE_URL,
+    SESSION_ENDED_MESSAGE,
     AsyncSQLResource,
+    SQLBackend,
     SQLResource,
+    TransactionAbortedError,
     asavepoint,
+    async_transaction_middleware,
     configure_sql,
     database_url,
     savepoint,
+    transaction_middleware,
 )
 from polydatum.testing import TelemetryCapture
 
@@ -51,6 +58,13 @@ class Boom(Exception):
     pass
 
 
+#: The driver's message for a duplicate ``items`` primary key, per backend.
+DUPLICATE_KEY = {
+    "sqlite": "IntegrityError: UNIQUE constraint failed: items.id",
+    "postgresql": ('UniqueViolation: duplicate key value violates unique constraint "items_pkey"'),
+}
+
+
 class Items(Service):
     """The application under test: every statement parameterised."""
 
@@ -75,6 +89,21 @@ class Items(Service):
         self.add(item_id, "doomed")
         raise Boom("failed after the insert")
 
+    def add_and_catch(self, item_id: int) -> None:
+        """Insert, and swallow the database's refusal (the mistake the rule is about)."""
+        try:
+            self.add(item_id, "refused")
+        except IntegrityError:
+            pass
+
+    def flush_and_catch(self, item_id: int) -> None:
+        """The same mistake through the ORM: a flush that fails, caught."""
+        self._ctx.db.add(Item(id=item_id, name="refused"))
+        try:
+            self._ctx.db.flush()
+        except IntegrityError:
+            pass
+
     def backend_pid(self) -> int:
         return int(self._ctx.db.execute(text("SELECT pg_backend_pid()")).scalar_one())
 
@@ -83,6 +112,7 @@ def make_app(
     b: Backend, cap: TelemetryCapture | None = None, **options: Any
 ) -> tuple[DataManager, SQLResource]:
     dm = cap.data_manager() if cap is not None else DataManager()
+    options.setdefault("engine_options", b.bounded_options())  # a lock wait fails in 2 s
     sql = configure_sql(dm, b.url, **options)
     b.track(sql)
     assert isinstance(sql.db, SQLResource)
@@ -91,12 +121,46 @@ def make_app(
     return dm, sql.db
 
 
+def aborted_message(b: Backend, *, flush: bool = False, asyncio: bool = False) -> str:
+    """The exact TransactionAbortedError message for a caught duplicate key (or flush)."""
+    reason = (
+        "a flush failed and SQLAlchemy rolled the transaction back"
+        if flush
+        else DUPLICATE_KEY[b.name]
+    )
+    helper = "`async with asavepoint(session):`" if asyncio else "`with savepoint(ctx.db):`"
+    return (
+        f"the context's work was not committed: a statement failed inside its transaction "
+        f"and its error was caught ({reason}), so nothing was committed. Let the error "
+        f"propagate, or run the statement that may fail inside {helper}, which rolls back "
+        f"only that statement"
+    )
+
+
+def nested_aborted_message(b: Backend) -> str:
+    return (
+        f"the nested context's work was not committed: a statement failed inside its "
+        f"savepoint and its error was caught ({DUPLICATE_KEY[b.name]}), so it was rolled "
+        f"back to the savepoint (the enclosing context carries on). Let the error "
+        f"propagate, or run the statement that may fail inside `with savepoint(ctx.db):`, "
+        f"which rolls back only that statement"
+    )
+
+
+def suppress_integrity_errors(ctx: DataAccessContext) -> Iterator[None]:
+    """A middleware that swallows the database's refusals (the other way to lose them)."""
+    try:
+        yield
+    except IntegrityError:
+        pass
+
+
 def names(b: Backend) -> dict[int, str]:
     """What is committed, read with a fresh engine (not the application's)."""
     engine = create_engine(b.url.replace("+aiosqlite", ""))
     try:
         with engine.connect() as conn:
-            return dict(conn.execute(select(Item.id, Item.name).order_by(Item.id)).all())  # type: ignore[arg-type]
+            return {i: n for i, n in conn.execute(select(Item.id, Item.name).order_by(Item.id))}
     finally:
         engine.dispose()
 
@@ -139,11 +203,18 @@ def test_database_url_rejects_bad_values() -> None:
 def test_configure_sql_from_environment(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("POLYDATUM_DATABASE_URL", backend.url)
     dm = DataManager()
-    sql = backend.track(configure_sql(dm))
+    sql: SQLBackend = backend.track(configure_sql(dm))
+    assert sql.db.engine.dialect.name == backend.name
+    # The safe has its own engine and pool: on SQLite a sibling file, on PostgreSQL
+    # the same database.
+    assert sql.safe is not None and sql.safe.engine is not sql.db.engine
+    safe_url = sql.safe.engine.url.render_as_string(hide_password=False)
+    if backend.name == "sqlite":
+        assert safe_url == backend.url.removesuffix("app.db") + "app.safe.db"
+    else:
+        assert safe_url == sql.db.engine.url.render_as_string(hide_password=False)
     assert dm.get_resource("db") is sql.db
     assert dm.get_resource("safe") is sql.safe
-    assert sql.safe is not None and sql.safe.engine is sql.db.engine  # one pool per URL
-    assert sql.db.engine.dialect.name == backend.name
 
 
 def test_same_app_on_both_backends(backend: Backend) -> None:
@@ -205,7 +276,7 @@ def test_rollback_on_error_leaves_no_row(backend: Backend) -> None:
         dal.items.add(1, "kept?")
         dal.items.add_then_fail(2)
     assert names(backend) == {}
-    assert resource.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    assert checked_out(resource.engine) == 0
 
 
 def test_rollback_when_middleware_raises_on_teardown(backend: Backend) -> None:
@@ -221,23 +292,29 @@ def test_rollback_when_middleware_raises_on_teardown(backend: Backend) -> None:
     assert names(backend) == {}
 
 
-def test_failed_commit_rolls_back_and_is_recorded(backend: Backend) -> None:
+def test_failed_commit_rolls_back_and_raises_commit_error(backend: Backend) -> None:
     with TelemetryCapture() as cap:
         dm, resource = make_app(backend, cap)
         with dm.dal() as dal:
             dal.items.add(1, "original")
         cap.clear()
-        with dm.context() as ctx:
+        with pytest.raises(CommitError) as info, dm.context() as ctx:
             ctx.dal.items.add(2, "new")
             ctx.dal.items.add_later(1, "duplicate")  # fails at commit: primary key
-        errors = ctx.get_resource_exit_errors()
-        assert [type(e) for _, e, _ in errors] == [IntegrityError]
+        assert str(info.value) == (
+            "the context's work was not committed: the database refused the COMMIT "
+            f"({DUPLICATE_KEY[backend.name]}); the transaction was rolled back"
+        )
+        assert type(info.value.__cause__) is IntegrityError
+        assert ctx.get_resource_exit_errors() == []
         teardown = cap.span("polydatum.resource.teardown db")
         assert teardown.status == "ERROR"
-        assert teardown.attributes["error.type"] == "sqlalchemy.exc.IntegrityError"
-        assert cap.span("polydatum.context").attributes["polydatum.teardown_errors"] == 1
+        assert teardown.attributes["error.type"] == "polydatum.errors.CommitError"
+        context = cap.span("polydatum.context")
+        assert context.status == "ERROR"
+        assert context.attributes["error.type"] == "polydatum.errors.CommitError"
     assert names(backend) == {1: "original"}
-    assert resource.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    assert checked_out(resource.engine) == 0
 
 
 def test_transaction_middleware_raises_a_failed_commit(backend: Backend) -> None:
@@ -271,7 +348,7 @@ def test_transaction_middleware_raises_a_failed_commit(backend: Backend) -> None
         ] == ("sqlalchemy.exc.IntegrityError")
         assert cap.span("polydatum.context").status == "ERROR"
     assert names(backend) == {1: "original"}
-    assert resource.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    assert checked_out(resource.engine) == 0
 
 
 def test_transaction_middleware_commits_once_and_rolls_back(backend: Backend) -> None:
@@ -294,8 +371,9 @@ def test_transaction_middleware_commits_once_and_rolls_back(backend: Backend) ->
     assert names(backend) == {1: "one"}
 
 
-def test_savepoint_rolls_back_only_the_nested_unit(backend: Backend) -> None:
-    dm, _ = make_app(backend)
+@pytest.mark.parametrize("transaction", [False, True], ids=["resource", "middleware"])
+def test_savepoint_rolls_back_only_the_nested_unit(backend: Backend, transaction: bool) -> None:
+    dm, _ = make_app(backend, transaction=transaction)
     with dm.context() as ctx:
         ctx.dal.items.add(1, "outer")
         with pytest.raises(Boom), savepoint(ctx.db):
@@ -307,7 +385,321 @@ def test_savepoint_rolls_back_only_the_nested_unit(backend: Backend) -> None:
             ctx.dal.items.add(1, "duplicate key")  # the database refuses it
         ctx.dal.items.add(4, "after")
         assert ctx.dal.items.ids() == [1, 3, 4]
+    # The refused statement was inside a savepoint that was rolled back: it no longer
+    # counts, and the rest commits.
     assert names(backend) == {1: "outer", 3: "nested, kept", 4: "after"}
+
+
+def test_savepoint_recovers_from_a_failed_flush(backend: Backend) -> None:
+    dm, resource = make_app(backend)
+    with dm.context() as ctx:
+        ctx.dal.items.add(1, "outer")
+        with pytest.raises(IntegrityError), savepoint(ctx.db):
+            ctx.db.add(Item(id=1, name="duplicate"))
+            ctx.db.flush()
+        ctx.dal.items.add_later(2, "flushed by the commit")
+    assert names(backend) == {1: "outer", 2: "flushed by the commit"}
+    assert checked_out(resource.engine) == 0
+
+
+def test_an_error_caught_inside_a_savepoint_rolls_back_only_that_savepoint(
+    backend: Backend,
+) -> None:
+    dm, _ = make_app(backend)
+    with dm.context() as ctx:
+        ctx.dal.items.add(1, "outer")
+        with pytest.raises(TransactionAbortedError) as info, savepoint(ctx.db):
+            ctx.dal.items.add(2, "in the savepoint")
+            ctx.dal.items.add_and_catch(1)  # caught inside the block
+        ctx.dal.items.add(3, "after")
+    assert str(info.value) == (
+        f"the savepoint's work was rolled back: a statement failed inside it and its error "
+        f"was caught ({DUPLICATE_KEY[backend.name]}). Let the error propagate out of the "
+        f"savepoint block, or run the statement that may fail inside a savepoint of its own"
+    )
+    assert type(info.value.__cause__) is IntegrityError
+    assert names(backend) == {1: "outer", 3: "after"}
+
+
+# ------------------------------------------------ a caught statement error (issue 13)
+
+
+@pytest.mark.parametrize("transaction", [False, True], ids=["resource", "middleware"])
+@pytest.mark.parametrize("how", ["caught_by_service", "flush_caught", "suppressed_by_middleware"])
+def test_a_caught_statement_error_is_never_committed(
+    backend: Backend, how: str, transaction: bool
+) -> None:
+    with TelemetryCapture() as cap:
+        dm, resource = make_app(backend, cap, transaction=transaction)
+        if how == "suppressed_by_middleware":  # inside the transaction middleware
+            dm.register_context_middleware(suppress_integrity_errors)
+        with dm.dal() as dal:
+            dal.items.add(1, "original")
+        cap.clear()
+        with pytest.raises(TransactionAbortedError) as info, dm.context() as ctx:
+            ctx.dal.items.add(2, "new")
+            if how == "caught_by_service":
+                ctx.dal.items.add_and_catch(1)
+            elif how == "flush_caught":
+                ctx.dal.items.flush_and_catch(1)
+            else:
+                ctx.dal.items.add(1, "duplicate")  # raises; the middleware swallows it
+            if how == "caught_by_service" and backend.name == "sqlite":
+                # SQLite runs more statements after a failed one (PostgreSQL refuses
+                # them): they are not committed either.
+                ctx.dal.items.add(3, "after the caught error")
+        error = info.value
+        assert isinstance(error, CommitError)
+        assert str(error) == aborted_message(backend, flush=how == "flush_caught")
+        if how == "flush_caught":
+            assert error.__cause__ is None  # SQLAlchemy already rolled back and cleared it
+        else:
+            assert type(error.__cause__) is IntegrityError
+        assert ctx.get_resource_exit_errors() == []
+        step = (
+            "polydatum.middleware.teardown sql_transaction"
+            if transaction
+            else "polydatum.resource.teardown db"
+        )
+        assert cap.span(step).status == "ERROR"
+        assert cap.span(step).attributes["error.type"] == "polydatum.sql.TransactionAbortedError"
+        context = cap.span("polydatum.context")
+        assert context.status == "ERROR"
+        assert context.attributes["error.type"] == "polydatum.sql.TransactionAbortedError"
+    assert names(backend) == {1: "original"}  # not 2, not 3: nothing of the context
+    assert checked_out(resource.engine) == 0
+
+
+def test_postgres_aborted_status_refuses_the_commit_for_errors_sqlalchemy_never_saw(
+    postgres_url: str,
+) -> None:
+    import psycopg
+
+    schema = f"pd_{secrets.token_hex(6)}"
+    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    backend_ = Backend("postgresql", postgres_schema_url(postgres_url, schema), schema)
+    try:
+        dm, resource = make_app(backend_)
+        with pytest.raises(TransactionAbortedError) as info, dm.context() as ctx:
+            ctx.dal.items.add(1, "lost")
+            driver = ctx.db.connection().connection.driver_connection
+            assert isinstance(driver, psycopg.Connection)
+            try:  # straight to the driver: no SQLAlchemy event sees this error
+                driver.execute("INSERT INTO items (id, name) VALUES (1, 'duplicate')")
+            except psycopg.errors.UniqueViolation:
+                pass
+        assert str(info.value) == (
+            "the context's work was not committed: a statement failed inside its transaction "
+            "and its error was caught (PostgreSQL reports the transaction as aborted), so "
+            "nothing was committed. Let the error propagate, or run the statement that may "
+            "fail inside `with savepoint(ctx.db):`, which rolls back only that statement"
+        )
+        assert info.value.__cause__ is None
+        assert names(backend_) == {}
+        assert checked_out(resource.engine) == 0
+    finally:
+        backend_.dispose()
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+def test_an_error_rolled_back_by_the_transaction_middleware_cannot_be_suppressed_outside_it(
+    backend: Backend,
+) -> None:
+    dm = DataManager()
+
+    def suppress_boom(ctx: DataAccessContext) -> Iterator[None]:
+        try:
+            yield
+        except Boom:
+            pass
+
+    dm.register_context_middleware(suppress_boom)  # registered before: outside it
+    sql = backend.track(
+        configure_sql(dm, backend.url, transaction=True, engine_options=backend.bounded_options())
+    )
+    Base.metadata.create_all(sql.db.engine)
+    dm.register_services(items=Items())
+    with pytest.raises(CommitError) as info, dm.dal() as dal:
+        dal.items.add_then_fail(1)
+    assert type(info.value) is CommitError
+    assert str(info.value) == (
+        "the context's work was not committed: transaction_middleware rolled it back "
+        "because of an error (Boom: failed after the insert) that a middleware registered "
+        "before it then suppressed. Register transaction_middleware first, so that it sees "
+        "what every other middleware did to the error"
+    )
+    assert type(info.value.__cause__) is Boom
+    assert names(backend) == {}
+
+
+def test_transaction_middleware_manages_a_session_another_resource_made(
+    backend: Backend,
+) -> None:
+    engine = backend.track(create_engine(backend.url))
+    Base.metadata.create_all(engine)
+    closed: list[Session] = []
+
+    def own_sessions(ctx: DataAccessContext) -> Iterator[Session]:
+        session = Session(engine)
+        try:
+            yield session  # the middleware commits or rolls back (session.info protocol)
+        finally:
+            session.close()
+            closed.append(session)
+
+    dm = DataManager()
+    dm.register_resources(db=own_sessions)
+    dm.register_context_middleware(transaction_middleware())
+    dm.register_services(items=Items())
+    with dm.dal() as dal:
+        dal.items.add(1, "committed by the middleware")
+    with pytest.raises(Boom), dm.dal() as dal:
+        dal.items.add_then_fail(2)
+    with pytest.raises(IntegrityError), dm.dal() as dal:
+        dal.items.add_later(1, "duplicate: the commit fails")
+    assert len(closed) == 3
+    assert names(backend) == {1: "committed by the middleware"}
+    assert checked_out(engine) == 0
+
+
+# ------------------------------------------------ a session kept past its context
+
+
+def _add_and_flush(session: Session) -> None:
+    session.add(Item(id=9, name="late"))
+    session.flush()
+
+
+SYNC_MISUSES: dict[str, Callable[[Session], Any]] = {
+    "execute": lambda s: s.execute(select(Item.id)),
+    "add_and_flush": _add_and_flush,
+    "commit": lambda s: s.commit(),
+    "begin": lambda s: s.begin(),
+    "begin_nested": lambda s: s.begin_nested(),
+}
+
+
+@pytest.mark.parametrize("misuse", SYNC_MISUSES)
+def test_a_session_kept_past_its_context_refuses_work_and_holds_no_connection(
+    backend: Backend, misuse: str
+) -> None:
+    dm, resource = make_app(backend)
+    with dm.context() as ctx:
+        kept: Session = ctx.db
+        ctx.dal.items.add(1, "in the context")
+    for _ in range(2):  # and it stays refused
+        with pytest.raises(ContextStateError, match=f"^{re.escape(SESSION_ENDED_MESSAGE)}$"):
+            SYNC_MISUSES[misuse](kept)
+        assert checked_out(resource.engine) == 0
+    assert not kept.in_transaction()
+    assert names(backend) == {1: "in the context"}
+    with pytest.raises(Boom), dm.context() as failed:
+        kept_after_failure: Session = failed.db
+        raise Boom("failed")
+    with pytest.raises(ContextStateError, match=f"^{re.escape(SESSION_ENDED_MESSAGE)}$"):
+        SYNC_MISUSES[misuse](kept_after_failure)
+    assert checked_out(resource.engine) == 0
+    with resource.session() as fresh:  # sessions outside contexts are not refused
+        assert fresh.execute(select(Item.id)).scalars().all() == [1]
+
+
+# ------------------------------------------------------------- nested contexts
+
+
+@pytest.mark.parametrize("transaction", [False, True], ids=["resource", "middleware"])
+def test_a_nested_context_shares_the_outer_session_in_a_savepoint(
+    backend: Backend, transaction: bool
+) -> None:
+    # bounded_options: were the inner context to open a second session, it would wait
+    # on the outer one's locks and fail within 2 s instead of hanging.
+    dm, resource = make_app(backend, transaction=transaction)
+    with dm.context() as outer:
+        outer.dal.items.add(1, "outer")
+        with dm.context() as inner:  # a nested write ...
+            assert inner.enclosing is outer
+            assert inner.db is outer.db
+            inner.dal.items.add(2, "inner")
+            assert checked_out(resource.engine) == 1
+        outer.dal.items.add(3, "outer, after")  # ... then an outer write
+        with pytest.raises(Boom), dm.context() as inner:  # an inner failure ...
+            inner.dal.items.add_then_fail(4)
+        with pytest.raises(IntegrityError), dm.context() as inner:
+            inner.dal.items.add(5, "inner")
+            inner.dal.items.add(1, "duplicate")  # the database refuses it
+        assert outer.dal.items.ids() == [1, 2, 3]  # ... keeps the outer writes
+        assert names(backend) == {}  # nothing is committed before the outer context ends
+        outer.dal.items.add(6, "outer, last")
+    assert names(backend) == {1: "outer", 2: "inner", 3: "outer, after", 6: "outer, last"}
+    assert checked_out(resource.engine) == 0
+
+
+@pytest.mark.parametrize("transaction", [False, True], ids=["resource", "middleware"])
+def test_an_outer_failure_discards_the_nested_contexts_writes(
+    backend: Backend, transaction: bool
+) -> None:
+    dm, resource = make_app(backend, transaction=transaction)
+    with pytest.raises(Boom, match="^outer failed$"), dm.context() as outer:
+        outer.dal.items.add(1, "outer")
+        with dm.context() as inner:
+            inner.dal.items.add(2, "inner, released into the outer transaction")
+            with dm.context() as innermost:  # nested twice: a savepoint in the savepoint
+                assert innermost.db is outer.db
+                innermost.dal.items.add(3, "innermost")
+        raise Boom("outer failed")
+    assert names(backend) == {}
+    assert checked_out(resource.engine) == 0
+
+
+@pytest.mark.parametrize("transaction", [False, True], ids=["resource", "middleware"])
+def test_a_nested_context_that_caught_a_statement_error_is_rolled_back_alone(
+    backend: Backend, transaction: bool
+) -> None:
+    dm, _ = make_app(backend, transaction=transaction)
+    with dm.context() as outer:
+        outer.dal.items.add(1, "outer")
+        with pytest.raises(TransactionAbortedError) as info, dm.context() as inner:
+            inner.dal.items.add(2, "inner")
+            inner.dal.items.add_and_catch(1)
+        assert str(info.value) == nested_aborted_message(backend)
+        assert type(info.value.__cause__) is IntegrityError
+        outer.dal.items.add(3, "outer, after")
+    assert names(backend) == {1: "outer", 3: "outer, after"}
+
+
+def test_a_nested_context_before_the_outer_opened_its_session_has_its_own(
+    backend: Backend,
+) -> None:
+    dm, resource = make_app(backend)
+    with dm.context() as outer:
+        with dm.context() as inner:  # the outer has no session yet: nothing to share
+            inner.dal.items.add(1, "inner, committed on its own")
+        assert names(backend) == {1: "inner, committed on its own"}
+        outer.dal.items.add(2, "outer")
+    assert names(backend) == {1: "inner, committed on its own", 2: "outer"}
+    assert checked_out(resource.engine) == 0
+
+
+def test_another_resource_on_the_same_database_is_an_independent_session(
+    backend: Backend,
+) -> None:
+    dm, resource = make_app(backend)
+    other = backend.track(SQLResource(backend.url, engine_options=backend.bounded_options()))
+    other_dm = DataManager()
+    other_dm.register_resources(db=other)
+    other_dm.register_services(items=Items())
+    with dm.context() as outer:
+        assert outer.dal.items.ids() == []  # a read holds no lock another writer waits for
+        with other_dm.context() as inner:
+            assert inner.enclosing is outer
+            assert inner.db is not outer.db
+            inner.dal.items.add(1, "other resource")
+        assert names(backend) == {1: "other resource"}  # committed by its own context
+    assert checked_out(resource.engine) == 0
+    assert checked_out(other.engine) == 0
 
 
 # ---------------------------------------------------------------- hostile input
@@ -470,7 +862,7 @@ def test_terminated_connection_rolls_back_and_the_pool_recovers(postgres_url: st
                 dal.items.add(2, "after recovery")
                 assert dal.items.backend_pid() != pid
             assert names(backend_) == {2: "after recovery"}
-            assert resource.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+            assert checked_out(resource.engine) == 0
     finally:
         backend_.dispose()
         with admin.connect() as conn:
@@ -494,9 +886,25 @@ class AsyncItems(Service):
         await self.add(item_id, "doomed")
         raise Boom("async failure")
 
+    async def add_and_catch(self, item_id: int) -> None:
+        try:
+            await self.add(item_id, "refused")
+        except IntegrityError:
+            pass
 
-async def make_async_app(b: Backend, **options: Any) -> tuple[DataManager, AsyncSQLResource]:
-    dm = DataManager()
+
+async def asuppress_integrity_errors(ctx: DataAccessContext) -> Any:
+    try:
+        yield
+    except IntegrityError:
+        pass
+
+
+async def make_async_app(
+    b: Backend, cap: TelemetryCapture | None = None, **options: Any
+) -> tuple[DataManager, AsyncSQLResource]:
+    dm = cap.data_manager() if cap is not None else DataManager()
+    options.setdefault("engine_options", b.bounded_options())  # a lock wait fails in 2 s
     sql = configure_sql(dm, b.url, asyncio=True, safe_name=None, **options)
     assert isinstance(sql.db, AsyncSQLResource)
     async with sql.db.engine.begin() as conn:
@@ -529,7 +937,7 @@ async def test_async_commit_rollback_and_savepoint(backend: Backend) -> None:
             assert await dal.items.ids() == [1, 4]
         pings = await dm.aping()
         assert pings["db"].ok is True
-        assert resource.engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+        assert checked_out(resource.engine) == 0
     finally:
         await resource.dispose()
     assert names(backend) == {1: "one", 4: "kept"}
@@ -548,3 +956,226 @@ async def test_async_transaction_middleware(backend: Backend) -> None:
     finally:
         await resource.dispose()
     assert names(backend) == {1: "one"}
+
+
+async def test_async_failed_commit_rolls_back_and_raises_commit_error(backend: Backend) -> None:
+    with TelemetryCapture() as cap:
+        dm, resource = await make_async_app(backend, cap)
+        try:
+            async with dm.dal() as dal:
+                await dal.items.add(1, "original")
+            cap.clear()
+            with pytest.raises(CommitError) as info:
+                async with dm.context() as ctx:
+                    await ctx.dal.items.add(2, "new")
+                    session: AsyncSession = await ctx.aresource("db")
+                    session.add(Item(id=1, name="duplicate"))  # fails at commit
+            assert type(info.value) is CommitError
+            assert str(info.value) == (
+                "the context's work was not committed: the database refused the COMMIT "
+                f"({DUPLICATE_KEY[backend.name]}); the transaction was rolled back"
+            )
+            assert type(info.value.__cause__) is IntegrityError
+            assert ctx.get_resource_exit_errors() == []
+            teardown = cap.span("polydatum.resource.teardown db")
+            assert teardown.attributes["error.type"] == "polydatum.errors.CommitError"
+            assert cap.span("polydatum.context").status == "ERROR"
+            assert checked_out(resource.engine) == 0
+        finally:
+            await resource.dispose()
+    assert names(backend) == {1: "original"}
+
+
+@pytest.mark.parametrize("transaction", [False, True], ids=["resource", "middleware"])
+@pytest.mark.parametrize("how", ["caught_by_service", "suppressed_by_middleware"])
+async def test_async_a_caught_statement_error_is_never_committed(
+    backend: Backend, how: str, transaction: bool
+) -> None:
+    with TelemetryCapture() as cap:
+        dm, resource = await make_async_app(backend, cap, transaction=transaction)
+        if how == "suppressed_by_middleware":
+            dm.register_context_middleware(asuppress_integrity_errors)
+        try:
+            async with dm.dal() as dal:
+                await dal.items.add(1, "original")
+            cap.clear()
+            with pytest.raises(TransactionAbortedError) as info:
+                async with dm.dal() as dal:
+                    await dal.items.add(2, "new")
+                    if how == "caught_by_service":
+                        await dal.items.add_and_catch(1)
+                    else:
+                        await dal.items.add(1, "duplicate")
+            assert str(info.value) == aborted_message(backend, asyncio=True)
+            assert type(info.value.__cause__) is IntegrityError
+            step = (
+                "polydatum.middleware.teardown sql_transaction"
+                if transaction
+                else "polydatum.resource.teardown db"
+            )
+            assert cap.span(step).attributes["error.type"] == (
+                "polydatum.sql.TransactionAbortedError"
+            )
+            assert cap.span("polydatum.context").status == "ERROR"
+            assert checked_out(resource.engine) == 0
+        finally:
+            await resource.dispose()
+    assert names(backend) == {1: "original"}
+
+
+async def test_async_an_error_caught_inside_a_savepoint_rolls_back_only_that_savepoint(
+    backend: Backend,
+) -> None:
+    dm, resource = await make_async_app(backend)
+    try:
+        async with dm.context() as ctx:
+            session: AsyncSession = await ctx.aresource("db")
+            await ctx.dal.items.add(1, "outer")
+            with pytest.raises(TransactionAbortedError) as info:
+                async with asavepoint(session):
+                    await ctx.dal.items.add(2, "in the savepoint")
+                    await ctx.dal.items.add_and_catch(1)
+            with pytest.raises(IntegrityError):
+                async with asavepoint(session):
+                    await ctx.dal.items.add(1, "refused, and rolled back to the savepoint")
+            await ctx.dal.items.add(3, "after")
+    finally:
+        await resource.dispose()
+    assert str(info.value).startswith("the savepoint's work was rolled back: a statement")
+    assert type(info.value.__cause__) is IntegrityError
+    assert names(backend) == {1: "outer", 3: "after"}
+
+
+async def _aexecute(session: AsyncSession) -> None:
+    await session.execute(select(Item.id))
+
+
+async def _aadd_and_flush(session: AsyncSession) -> None:
+    session.add(Item(id=9, name="late"))
+    await session.flush()
+
+
+async def _acommit(session: AsyncSession) -> None:
+    await session.commit()
+
+
+async def _abegin(session: AsyncSession) -> None:
+    await session.begin()
+
+
+ASYNC_MISUSES: dict[str, Callable[[AsyncSession], Awaitable[None]]] = {
+    "execute": _aexecute,
+    "add_and_flush": _aadd_and_flush,
+    "commit": _acommit,
+    "begin": _abegin,
+}
+
+
+@pytest.mark.parametrize("misuse", ASYNC_MISUSES)
+async def test_async_a_session_kept_past_its_context_refuses_work_and_holds_no_connection(
+    backend: Backend, misuse: str
+) -> None:
+    dm, resource = await make_async_app(backend)
+    try:
+        async with dm.context() as ctx:
+            kept: AsyncSession = await ctx.aresource("db")
+            await ctx.dal.items.add(1, "in the context")
+        for _ in range(2):
+            with pytest.raises(ContextStateError, match=f"^{re.escape(SESSION_ENDED_MESSAGE)}$"):
+                await ASYNC_MISUSES[misuse](kept)
+            assert checked_out(resource.engine) == 0
+    finally:
+        await resource.dispose()
+    assert names(backend) == {1: "in the context"}
+
+
+@pytest.mark.parametrize("transaction", [False, True], ids=["resource", "middleware"])
+async def test_async_a_nested_context_shares_the_outer_session_in_a_savepoint(
+    backend: Backend, transaction: bool
+) -> None:
+    dm, resource = await make_async_app(backend, transaction=transaction)
+    try:
+        async with dm.context() as outer:
+            outer_session = await outer.aresource("db")
+            await outer.dal.items.add(1, "outer")
+            async with dm.context() as inner:  # a nested write, then an outer write
+                assert inner.enclosing is outer
+                assert await inner.aresource("db") is outer_session
+                await inner.dal.items.add(2, "inner")
+                assert checked_out(resource.engine) == 1
+            await outer.dal.items.add(3, "outer, after")
+            with pytest.raises(Boom):  # an inner failure keeps the outer writes
+                async with dm.context() as inner:
+                    await inner.dal.items.add_then_fail(4)
+            with pytest.raises(TransactionAbortedError):
+                async with dm.context() as inner:
+                    await inner.dal.items.add(5, "inner")
+                    await inner.dal.items.add_and_catch(1)
+            assert await outer.dal.items.ids() == [1, 2, 3]
+        assert names(backend) == {1: "outer", 2: "inner", 3: "outer, after"}
+        with pytest.raises(Boom, match="^outer failed$"):  # an outer failure discards it all
+            async with dm.context() as outer:
+                await outer.dal.items.add(10, "outer")
+                async with dm.context() as inner:
+                    await inner.dal.items.add(11, "inner")
+                raise Boom("outer failed")
+        assert checked_out(resource.engine) == 0
+    finally:
+        await resource.dispose()
+    assert names(backend) == {1: "outer", 2: "inner", 3: "outer, after"}
+
+
+async def test_async_tasks_started_inside_a_context_get_their_own_sessions(
+    backend: Backend,
+) -> None:
+    # A session is not safe for concurrent use: contexts entered in other tasks never
+    # share the enclosing context's, even though it is their enclosing context.
+    dm, resource = await make_async_app(backend)
+    try:
+        async with dm.context() as outer:
+            outer_session: AsyncSession = await outer.aresource("db")
+            assert await outer.dal.items.ids() == []
+
+            async def task(item_id: int) -> AsyncSession:
+                async with dm.context() as inner:
+                    assert inner.enclosing is outer
+                    await inner.dal.items.add(item_id, f"task {item_id}")
+                    session: AsyncSession = await inner.aresource("db")
+                return session
+
+            sessions = await asyncio.gather(task(1), task(2))
+            assert len({id(s) for s in [outer_session, *sessions]}) == 3
+        assert checked_out(resource.engine) == 0
+    finally:
+        await resource.dispose()
+    assert names(backend) == {1: "task 1", 2: "task 2"}
+
+
+async def test_async_transaction_middleware_manages_a_session_another_resource_made(
+    backend: Backend,
+) -> None:
+    resource = AsyncSQLResource(backend.url)  # only for its engine
+    async with resource.engine.begin() as conn:
+        await conn.run_sync(Base.metadata.create_all)
+
+    async def own_sessions(ctx: DataAccessContext) -> AsyncIterator[AsyncSession]:
+        async with AsyncSession(resource.engine) as session:
+            yield session
+
+    dm = DataManager()
+    dm.register_resources(db=own_sessions)
+    dm.register_context_middleware(async_transaction_middleware())
+    dm.register_services(items=AsyncItems())
+    try:
+        async with dm.dal() as dal:
+            await dal.items.add(1, "committed by the middleware")
+        with pytest.raises(Boom):
+            async with dm.dal() as dal:
+                await dal.items.add_then_fail(2)
+        with pytest.raises(IntegrityError):
+            async with dm.dal() as dal:
+                await dal.items.add(1, "duplicate")
+        assert checked_out(resource.engine) == 0
+    finally:
+        await resource.dispose()
+    assert names(backend) == {1: "committed by the middleware"}

@@ -154,9 +154,8 @@ class Books(Service):
     def view(self, book_id: int) -> dict[str, Any]:
         """A customer looks at a book: :meth:`get`, then remember it in the safe.
 
-        The safe commits on its own (it survives even if this request fails later).
-        On SQLite a request must not write through ``db`` *after* a safe write
-        (the session's snapshot would be stale): ``orders.place`` uses :meth:`get`.
+        The safe commits on its own (it survives even if this request fails later),
+        on its own engine (a sibling file on SQLite), so it never waits for ``db``.
         """
         book: dict[str, Any] = self._dal.catalog.books.get(book_id)
         self.recently_viewed.update(
