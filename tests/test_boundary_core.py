@@ -20,7 +20,13 @@ from typing import Any
 import pytest
 
 from polydatum import DataManager, Service
-from polydatum.errors import CommitError, ContextStateError, ErrorResponse, TeardownErrors
+from polydatum.errors import (
+    CommitError,
+    ContextStateError,
+    ErrorResponse,
+    HandledAsSuccess,
+    TeardownErrors,
+)
 from polydatum.integrations import aclose_for_response, close_for_response, is_error_status
 from polydatum.testing import TelemetryCapture
 
@@ -176,9 +182,14 @@ def test_close_for_response_raises_when_a_success_status_answers_a_rolled_back_r
     ctx.__enter__()
     ctx.db
     handled = Boom("handled into a 200")
-    with pytest.raises(Boom) as info:
+    with pytest.raises(HandledAsSuccess) as info:
         close_for_response(ctx, 200, handled)
-    assert info.value is handled
+    assert str(info.value) == (
+        "the application answered 200 for Boom, but the request's work was rolled back "
+        "for that exception: the response is not sent"
+    )
+    assert info.value.__cause__ is handled
+    assert (info.value.status, info.value.handled) == (200, handled)
     assert log == ["rollback Boom"]
 
 

@@ -4,8 +4,9 @@
   middleware opening one async context per HTTP request / websocket session, and
   lifespan handling (validate at startup, dispose engines at shutdown).
 * :mod:`polydatum.integrations.fastapi` -- a dependency giving the request's DAL.
-* :mod:`polydatum.integrations.wsgi` -- any WSGI app: one context per request, open
-  until the server closes the response iterable.
+* :mod:`polydatum.integrations.wsgi` -- any WSGI app: one context per request, ended
+  before the status goes out (the body is buffered up to ``buffer_limit``; a larger
+  or streamed body keeps the context open until the server closes it).
 * :mod:`polydatum.integrations.flask` -- Flask: one context per request, ``dal()`` in views.
 * :mod:`polydatum.integrations.celery` -- Celery: one context per task, Meta and trace
   carried from the producer across the broker.
@@ -31,8 +32,8 @@ out, with what the response says about the request:
 If ending the context raises (a failed commit, a middleware or teardown error that
 propagates), the application's response is not sent: the error goes to the
 framework, which answers 5xx. If the context rolled back for an exception while the
-application answered with a success status, that exception is raised too: a 2xx or
-3xx would claim work that was rolled back.
+application answered with a success status, :class:`~polydatum.errors.HandledAsSuccess`
+is raised (from that exception): a 2xx or 3xx would claim work that was rolled back.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import structlog
 
-from polydatum.errors import ErrorResponse
+from polydatum.errors import ErrorResponse, HandledAsSuccess
 
 if TYPE_CHECKING:
     from polydatum.context import DataAccessContext
@@ -85,16 +86,20 @@ def _ending(
     return None
 
 
-def _surfaced(status: int, ending: BaseException | None, raised: BaseException | None) -> bool:
-    """Whether ``raised`` (what ending the context with ``ending`` raised, None if it
-    exited normally) must replace the application's response with an error."""
+def _surfaced(
+    status: int, ending: BaseException | None, raised: BaseException | None
+) -> BaseException | None:
+    """What must replace the application's response, given what ending the context
+    with ``ending`` raised (``raised``; None if it exited normally); None if it stands."""
     if raised is None:
-        return False  # committed, or a middleware suppressed the error on purpose
+        return None  # committed, or a middleware suppressed the error on purpose
     if raised is not ending:
-        return True  # a failed commit, or a teardown / middleware error
+        return raised  # a failed commit, or a teardown / middleware error
     # The error the request ended with came back: its work rolled back, as it should.
     # The response stands if it says so (an error status); a success status would lie.
-    return not (isinstance(raised, ErrorResponse) or status >= 400)
+    if isinstance(raised, ErrorResponse) or status >= 400:
+        return None
+    return HandledAsSuccess(status, raised)
 
 
 def close_for_response(
@@ -120,9 +125,12 @@ def close_for_response(
             raised = None if suppressed else ending
     except BaseException as error:
         raised = error
-    if _surfaced(status, ending, raised):
-        assert raised is not None
-        raise raised
+    replacement = _surfaced(status, ending, raised)
+    if replacement is None:
+        return
+    if replacement is raised:
+        raise replacement
+    raise replacement from raised
 
 
 async def aclose_for_response(
@@ -143,9 +151,12 @@ async def aclose_for_response(
             raised = None if suppressed else ending
     except BaseException as error:
         raised = error
-    if _surfaced(status, ending, raised):
-        assert raised is not None
-        raise raised
+    replacement = _surfaced(status, ending, raised)
+    if replacement is None:
+        return
+    if replacement is raised:
+        raise replacement
+    raise replacement from raised
 
 
 def missing_framework(module: str, package: str, extra: str, error: ImportError) -> NoReturn:

@@ -1,7 +1,10 @@
 """FastAPI: a dependency giving the DAL of the request's polydatum context.
 
 The context itself is opened by :class:`polydatum.integrations.asgi.PolydatumMiddleware`
-(one per request or websocket session, closed after the response is sent)::
+(one per request or websocket session). It ends before the response status goes out,
+so a 2xx means the work is committed; an ``HTTPException``, a
+``RequestValidationError`` or an exception an ``@app.exception_handler`` answered
+reaches it and rolls the work back (see :mod:`polydatum.integrations.asgi`)::
 
     from typing import Annotated
     from fastapi import Depends, FastAPI
@@ -16,7 +19,11 @@ The context itself is opened by :class:`polydatum.integrations.asgi.PolydatumMid
         return await dal.books.get(book_id)
 
 ``DAL`` is ``Annotated[DataAccessLayer, Depends(get_dal)]``; ``Context`` gives the
-:class:`~polydatum.context.DataAccessContext` (its ``meta``, its resources).
+:class:`~polydatum.context.DataAccessContext` (its ``meta``, its resources). Sync
+endpoints (run in the threadpool) see the request's context too. Background tasks run
+after the response, when the request's context has ended: the injected DAL raises
+:class:`~polydatum.errors.NoActiveContextError` there; a background task opens its own
+context (``async with dm.dal() as dal:``).
 """
 
 from __future__ import annotations
