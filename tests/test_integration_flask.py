@@ -8,12 +8,14 @@ from typing import Any
 
 import httpx
 import pytest
-from flask import Flask
+import structlog
+from flask import Flask, Response, abort, got_request_exception, request, stream_with_context
 from opentelemetry.instrumentation.flask import FlaskInstrumentor
+from werkzeug.exceptions import Conflict, InternalServerError
 
 from polydatum import DataManager, Service
 from polydatum.context import DataAccessContext
-from polydatum.errors import ValidationError
+from polydatum.errors import CommitError, ValidationError
 from polydatum.integrations import flask as pd_flask
 from polydatum.testing import TelemetryCapture
 from tests._servers import wait_for, wsgi_server
@@ -165,3 +167,370 @@ def test_init_app_validates_the_data_manager() -> None:
     dm.register_resources(meta=meta)
     with pytest.raises(ValidationError, match=r"resource 'meta' collides with"):
         pd_flask.init_app(Flask(__name__), dm)
+
+
+# ------------------------------------------------------- the request boundary
+
+#: What httpx raises for a chunked body that breaks off (no final chunk).
+INCOMPLETE = (
+    "peer closed connection without sending complete message body (incomplete chunked read)"
+)
+#: What Flask answers for an unhandled error (werkzeug's InternalServerError page).
+FLASK_500 = (
+    "<!doctype html>\n<html lang=en>\n<title>500 Internal Server Error</title>\n"
+    "<h1>Internal Server Error</h1>\n<p>The server encountered an internal error and was "
+    "unable to complete your request. Either the server is overloaded or there is an "
+    "error in the application.</p>\n"
+)
+
+
+class Ledger:
+    """A resource recording what became of the request's work; ``refuse`` makes its
+    COMMIT fail the way the SQL resource's does (``CommitError``)."""
+
+    def __init__(self) -> None:
+        self.log: list[str] = []
+        self.refuse = False
+
+    def __call__(self, ctx: DataAccessContext) -> Iterator[list[str]]:
+        entries: list[str] = []
+        try:
+            yield entries
+        except BaseException as error:
+            self.log.append(f"rollback {type(error).__name__}")
+            raise
+        if self.refuse:
+            self.log.append(f"refused {entries}")
+            raise CommitError("the database refused the COMMIT")
+        self.log.append(f"commit {entries}")
+
+
+def ledger_app(**options: Any) -> tuple[Flask, Ledger]:
+    dm = DataManager()
+    ledger = Ledger()
+    dm.register_resources(ledger=ledger)
+
+    def replace(ctx: DataAccessContext) -> Iterator[None]:
+        """Replaces the request's error when the client asks for it (``x-replace``)."""
+        try:
+            yield
+        except KeyError as error:
+            if ctx.meta.replace:
+                raise RuntimeError("replaced by middleware") from error
+            raise
+
+    dm.register_context_middleware(replace)
+    app = Flask(__name__)
+
+    def meta() -> dict[str, Any]:
+        return {**pd_flask.default_meta(), "replace": "x-replace" in request.headers}
+
+    pd_flask.init_app(app, dm, meta=meta, **options)
+
+    @app.post("/write/<name>")
+    def write(name: str) -> Any:
+        pd_flask.context().ledger.append(name)
+        return "written", 201
+
+    return app, ledger
+
+
+def test_init_app_replaces_no_method_of_the_app() -> None:
+    """Only public registration API: nothing is assigned on the app object, one
+    after_request and one teardown_request function are registered."""
+    app = Flask(__name__)
+    dm = DataManager()
+    before = {name: id(value) for name, value in vars(app).items()}
+    pd_flask.init_app(app, dm)
+    assert {name: id(value) for name, value in vars(app).items()} == before
+    assert {k: len(v) for k, v in app.after_request_funcs.items()} == {None: 1}
+    assert {k: len(v) for k, v in app.teardown_request_funcs.items()} == {None: 1}
+    assert set(app.extensions) == {"polydatum"}
+    with app.test_request_context("/"):
+        assert pd_flask.get_data_manager() is dm
+
+
+def test_a_failed_commit_raised_by_after_request_becomes_flasks_500() -> None:
+    """Flask handles what the after_request function raises like any error of the
+    request: ``got_request_exception``, then the 500 handler with the error as
+    ``original_exception``, whose response is sent."""
+    app, ledger = ledger_app()
+    seen: list[BaseException | None] = []
+    reported: list[str] = []
+
+    @app.errorhandler(500)
+    def server_error(error: InternalServerError) -> Any:
+        seen.append(error.original_exception)
+        return "could not save", 500
+
+    got_request_exception.connect(
+        lambda sender, exception, **extra: reported.append(repr(exception)), app, weak=False
+    )
+    ledger.refuse = True
+    with wsgi_server(app) as url:
+        response = httpx.post(f"{url}/write/a")
+    assert (response.status_code, response.text) == (500, "could not save")
+    assert len(response.headers["x-request-id"]) == 32  # echoed on the 500 too
+    assert [(type(e), str(e)) for e in seen] == [(CommitError, "the database refused the COMMIT")]
+    assert reported == ["CommitError('the database refused the COMMIT')"]
+    assert ledger.log == ["refused ['a']"]
+
+
+def test_a_failed_commit_propagates_out_of_a_testing_app() -> None:
+    """With PROPAGATE_EXCEPTIONS (``app.testing``), Flask re-raises it to the caller."""
+    app, ledger = ledger_app()
+    app.testing = True
+    ledger.refuse = True
+    with pytest.raises(CommitError, match=r"^the database refused the COMMIT$"):
+        app.test_client().post("/write/a")
+    ledger.refuse = False
+    assert app.test_client().post("/write/b").status_code == 201
+    assert ledger.log == ["refused ['a']", "commit ['b']"]
+
+
+def test_abort_and_error_handlers_after_writes_roll_back() -> None:
+    app, ledger = ledger_app()
+
+    class Refused(Exception):
+        pass
+
+    @app.errorhandler(Refused)
+    def refused(error: Refused) -> Any:
+        return "refused", 422
+
+    @app.post("/abort")
+    def aborting() -> Any:
+        pd_flask.context().ledger.append("abort")
+        abort(409)
+
+    @app.post("/refuse")
+    def refusing() -> Any:
+        pd_flask.context().ledger.append("refuse")
+        raise Refused()
+
+    client = app.test_client()
+    answers = [client.post("/abort"), client.post("/refuse"), client.post("/write/ok")]
+    assert [(r.status_code, r.text) for r in answers] == [
+        (409, Conflict().get_body()),
+        (422, "refused"),
+        (201, "written"),
+    ]
+    assert ledger.log == ["rollback ErrorResponse", "rollback ErrorResponse", "commit ['ok']"]
+
+
+def test_an_error_handler_answering_success_commits() -> None:
+    """Documented limitation: Flask does not tell which exception a handler handled,
+    so a handler that answers 2xx for an exception commits (the status rule)."""
+    app, ledger = ledger_app()
+
+    class Ignorable(Exception):
+        pass
+
+    @app.errorhandler(Ignorable)
+    def ignore(error: Ignorable) -> Any:
+        return "never mind", 200
+
+    @app.post("/ignorable")
+    def ignorable() -> Any:
+        pd_flask.context().ledger.append("kept")
+        raise Ignorable()
+
+    response = app.test_client().post("/ignorable")
+    assert (response.status_code, response.text) == (200, "never mind")
+    assert ledger.log == ["commit ['kept']"]
+
+
+def test_unhandled_error_reaches_the_context_even_if_the_500_handler_says_200() -> None:
+    """The unhandled exception (from ``got_request_exception``) ends the context; a 500
+    handler answering 200 would claim rolled-back work, so polydatum answers 500."""
+    app, ledger = ledger_app()
+
+    @app.errorhandler(500)
+    def lenient(error: InternalServerError) -> Any:
+        return "all good", 200
+
+    @app.post("/crash")
+    def crash() -> Any:
+        pd_flask.context().ledger.append("lost")
+        raise KeyError("crash")
+
+    response = app.test_client().post("/crash")
+    assert (response.status_code, response.text) == (500, FLASK_500)
+    assert ledger.log == ["rollback KeyError"]
+
+
+def test_the_dal_is_usable_until_the_context_ends() -> None:
+    """after_request functions registered after init_app run before polydatum's and
+    share the request's context; those registered before run after it ended."""
+    dm = DataManager()
+    ledger = Ledger()
+    dm.register_resources(ledger=ledger)
+    app = Flask(__name__)
+    late: list[str] = []
+
+    @app.after_request
+    def too_late(response: Any) -> Any:
+        try:
+            pd_flask.dal()
+        except RuntimeError as error:
+            late.append(str(error))
+        return response
+
+    pd_flask.init_app(app, dm)
+
+    @app.after_request
+    def in_time(response: Any) -> Any:
+        pd_flask.context().ledger.append("after_request")
+        return response
+
+    @app.post("/write")
+    def write() -> Any:
+        pd_flask.context().ledger.append("view")
+        return "written", 201
+
+    assert app.test_client().post("/write").status_code == 201
+    assert ledger.log == ["commit ['view', 'after_request']"]
+    assert late == [
+        "this request's polydatum context has ended: polydatum ends it before the response "
+        "is sent, in the after_request function init_app registered (use the DAL in "
+        "after_request functions registered after init_app, or open `with dm.context():`)"
+    ]
+
+
+def test_teardown_ends_a_context_that_after_request_did_not() -> None:
+    """PROPAGATE_EXCEPTIONS skips after_request: teardown_request rolls back with the
+    exception. A request context pushed by hand commits when it is popped; a failure
+    there is logged, never raised from a teardown function."""
+    app, ledger = ledger_app()
+    app.testing = True
+
+    @app.post("/crash")
+    def crash() -> Any:
+        pd_flask.context().ledger.append("lost")
+        raise KeyError("crash")
+
+    with pytest.raises(KeyError, match="crash"):
+        app.test_client().post("/crash")
+    with app.test_request_context("/"):
+        pd_flask.context().ledger.append("by hand")
+    with structlog.testing.capture_logs() as logs:
+        ledger.refuse = True
+        with app.test_request_context("/"):
+            pd_flask.context().ledger.append("refused by hand")
+        with pytest.raises(KeyError, match="crash"):  # a middleware replaces it: logged
+            app.test_client().post("/crash", headers={"x-replace": "1"})
+    assert ledger.log == [
+        "rollback KeyError",
+        "commit ['by hand']",
+        "refused ['refused by hand']",
+        "rollback RuntimeError",
+    ]
+    assert [
+        (e["error_type"], e["log_level"])
+        for e in logs
+        if e["event"] == "polydatum.flask.teardown_failed"
+    ] == [("CommitError", "warning"), ("RuntimeError", "warning")]
+
+
+def test_a_streamed_body_uses_the_context_and_it_ends_after_the_body(
+    polydatum_telemetry: Any,
+) -> None:
+    """A generator body runs with the context open (its service calls nest under the
+    context span, a child of the request span) and the context ends when it is
+    exhausted; a HEAD request sends no body, so its context ends in after_request."""
+    cap = polydatum_telemetry
+    app, shelf = build(cap)
+    produced: list[int] = []
+
+    @app.get("/plain")
+    def plain() -> Any:
+        return Response(iter_chunks(), mimetype="text/plain")  # no data: no context
+
+    @app.get("/shelf")
+    def whole_shelf() -> Any:
+        books = pd_flask.dal().books  # opened in the view, used while streaming
+
+        def body() -> Iterator[str]:
+            for book_id in (1, 2):
+                produced.append(book_id)
+                yield books.get(book_id)["title"] + "\n"
+
+        return Response(body(), mimetype="text/plain")
+
+    with wsgi_server(app) as url:
+        streamed = httpx.get(f"{url}/shelf")
+        head = httpx.head(f"{url}/shelf")
+        no_data = httpx.get(f"{url}/plain")
+        wait_for(lambda: contexts_done(cap, 3), "three request spans")
+    assert (streamed.status_code, streamed.text) == (200, "Dune\nEmma\n")
+    assert (head.status_code, head.content, produced) == (200, b"", [1, 2])
+    assert (no_data.status_code, no_data.text) == (200, "never sent")
+    assert shelf.log == ["setup /shelf", "commit"]  # the HEAD request used no book
+    contexts = [s for s in cap.spans() if s.name == "polydatum.context"]
+    assert [s.status for s in contexts] == ["UNSET", "UNSET"]  # both committed
+    assert cap.tree() == [
+        (
+            "GET /shelf",
+            [
+                (
+                    "polydatum.context",
+                    [
+                        ("books.get", [("polydatum.resource.setup shelf", [])]),
+                        ("books.get", []),
+                        ("polydatum.resource.teardown shelf", []),
+                    ],
+                )
+            ],
+        ),
+        ("HEAD /shelf", [("polydatum.context", [])]),
+        ("GET /plain", []),
+    ]
+
+
+def test_a_streamed_response_replaced_by_flask_rolls_back() -> None:
+    """An after_request function that runs after polydatum's raises: Flask sends a 500
+    instead of the streamed response, whose context then ends with that error."""
+    dm = DataManager()
+    ledger = Ledger()
+    dm.register_resources(ledger=ledger)
+    app = Flask(__name__)
+
+    @app.after_request
+    def breaks(response: Any) -> Any:
+        raise LookupError("after_request failed")
+
+    pd_flask.init_app(app, dm)
+
+    @app.get("/stream")
+    def stream() -> Any:
+        pd_flask.context().ledger.append("streamed")
+        return Response(iter_chunks(), mimetype="text/plain")
+
+    response = app.test_client().get("/stream")
+    assert (response.status_code, response.text) == (500, FLASK_500)
+    assert ledger.log == ["rollback LookupError"]
+
+
+def iter_chunks() -> Iterator[bytes]:
+    yield b"never sent"
+
+
+def test_a_stream_with_context_body_that_fails_rolls_back() -> None:
+    """Flask tears the request down with the body's error (teardown_request), then the
+    error breaks the transfer off."""
+    app, ledger = ledger_app()
+
+    @app.get("/failing")
+    def failing() -> Any:
+        def body() -> Iterator[bytes]:
+            yield b"started\n"
+            pd_flask.context().ledger.append("half")  # the body opens the context
+            raise KeyError("body failed")
+
+        return Response(stream_with_context(body()), mimetype="text/plain")
+
+    with wsgi_server(app) as url:
+        with pytest.raises(httpx.RemoteProtocolError) as raised:
+            httpx.get(f"{url}/failing")
+    assert str(raised.value) == INCOMPLETE
+    assert ledger.log == ["rollback KeyError"]
