@@ -26,7 +26,9 @@ from polydatum.integrations.celery import PolydatumTask, init_celery
 
 BROKER_URL = os.environ.get("POLYDATUM_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 BACKEND_URL = os.environ.get("POLYDATUM_TEST_REDIS_URL", "redis://127.0.0.1:6379/11")
-META = ("task", "task_id", "retries", "request_id", "break_teardown")
+META = ("task", "task_id", "retries", "request_id", "tenant", "break_teardown")
+#: The Meta keys of a producer's context that travel with the app's messages.
+PROPAGATE = ("request_id", "tenant")
 
 
 class JsonLinesExporter(SpanExporter):
@@ -49,6 +51,7 @@ class JsonLinesExporter(SpanExporter):
                         "trace_id": format(ctx.trace_id, "032x"),
                         "span_id": format(ctx.span_id, "016x"),
                         "parent_id": format(span.parent.span_id, "016x") if span.parent else None,
+                        "flags": int(ctx.trace_flags),
                         "kind": span.kind.name,
                         "status": span.status.status_code.name,
                         "attributes": {k: _json(v) for k, v in (span.attributes or {}).items()},
@@ -115,7 +118,7 @@ def build(
         # (warm shutdown) within a second instead of at the next 10 s poll timeout.
         broker_heartbeat=2,
     )
-    init_celery(app, dm)
+    init_celery(app, dm, propagate_meta=PROPAGATE)
 
     @app.task(bind=True, shared=False, name="polydatum_test.lookup")
     def lookup(self: Any, book_id: int) -> dict[str, Any]:
@@ -133,11 +136,21 @@ def build(
         self.dal.books.get(book_id)
         raise ValueError(f"book {book_id} cannot be ordered")
 
-    return app, dm, {"lookup": lookup, "flaky": flaky, "fail": fail}
+    @app.task(bind=True, shared=False, name="polydatum_test.received")
+    def received(self: Any) -> dict[str, Any]:
+        """What the worker got: the trace headers of the message, and the task's Meta."""
+        return {
+            "traceparent": self.request.get("traceparent"),
+            "polydatum_trace": self.request.get("polydatum_trace"),
+            "meta": dict(self.context.meta.items()),
+        }
+
+    return app, dm, {"lookup": lookup, "flaky": flaky, "fail": fail, "received": received}
 
 
 def from_env() -> Celery:
-    """The worker's app: ``POLYDATUM_CELERY_DIR`` (spans.jsonl, ready, disposed),
+    """The worker's app (when ``POLYDATUM_CELERY_APP`` names this module):
+    ``POLYDATUM_CELERY_DIR`` (spans.jsonl, ready, disposed),
     ``POLYDATUM_CELERY_QUEUE``, ``POLYDATUM_CELERY_INSTRUMENT`` (``1``: also run
     opentelemetry-instrumentation-celery), ``POLYDATUM_CELERY_BROKEN`` (``1``: an
     invalid registration)."""
@@ -164,5 +177,5 @@ def from_env() -> Celery:
     return worker_app
 
 
-if os.environ.get("POLYDATUM_CELERY_DIR"):
+if os.environ.get("POLYDATUM_CELERY_APP") == __name__:  # the worker's -A module
     app = from_env()
