@@ -105,6 +105,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from polydatum.context import get_active_context
 from polydatum.errors import PolydatumException
 from polydatum.telemetry import Telemetry, error_type, is_enabled
 
@@ -135,7 +136,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
         "polydatum.safe needs SQLAlchemy 2.x: pip install 'polydatum[sql]'"
     ) from error
 
-from polydatum.sql import SQLITE_BEGIN_OPTION, create_sql_engine, telemetry_attributes_for
+from polydatum.sql_engine import SQLITE_BEGIN_OPTION, create_sql_engine, telemetry_attributes_for
 
 if TYPE_CHECKING:
     from polydatum.context import DataAccessContext
@@ -391,8 +392,6 @@ class SafeStore:
             return None
         if self._own_telemetry is not None:
             return self._own_telemetry.tracer()
-        from polydatum.context import get_active_context
-
         ctx = get_active_context()
         if ctx is not None:
             return ctx.data_manager._telemetry.tracer()
