@@ -11,8 +11,7 @@ from polydatum.dal import DataAccessLayer, DataManager, PingResult
 from polydatum.lifecycle import State
 from polydatum.resources import Resource, ValueResource
 from polydatum.services import Service
-
-__version__ = "2.0.0.dev0"
+from polydatum.version import __version__
 
 __all__ = [
     "DataAccessContext",

@@ -20,8 +20,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from polydatum.dal import DataManager
 from polydatum.errors import ValidationError
+from polydatum.registry import DataManager
 
 #: The help of every subcommand's MODULE:ATTR argument (see :func:`load_data_manager`).
 TARGET_HELP = "MODULE:ATTR of a DataManager, a factory returning one, or an object holding one"

@@ -31,7 +31,7 @@ from polydatum.errors import AlreadyExistsException, RegistrationError
 
 if TYPE_CHECKING:
     from polydatum.context import DataAccessContext
-    from polydatum.dal import DataManager
+    from polydatum.registry import DataManager
 
 
 def is_generator(obj: Any) -> bool:

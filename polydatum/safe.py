@@ -140,7 +140,7 @@ from polydatum.sql_engine import SQLITE_BEGIN_OPTION, create_sql_engine, telemet
 
 if TYPE_CHECKING:
     from polydatum.context import DataAccessContext
-    from polydatum.dal import DataManager
+    from polydatum.registry import DataManager
 
 __all__ = [
     "MAX_KEY_LENGTH",
@@ -332,7 +332,7 @@ class SafeStore:
 
     def setup(self, data_manager: DataManager) -> None:
         """Called when registered as a resource: trace with that DataManager's tracer."""
-        self._dm_telemetry = data_manager._telemetry
+        self._dm_telemetry = data_manager.telemetry
 
     def __call__(self, context: DataAccessContext) -> Generator[SafeStore, None, None]:
         yield self
@@ -394,7 +394,7 @@ class SafeStore:
             return self._own_telemetry.tracer()
         ctx = get_active_context()
         if ctx is not None:
-            return ctx.data_manager._telemetry.tracer()
+            return ctx.data_manager.telemetry.tracer()
         if self._dm_telemetry is not None:
             return self._dm_telemetry.tracer()
         return self._global_telemetry.tracer()

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Self
 
-from polydatum.context import _active_lifecycle
 from polydatum.errors import AlreadyExistsException, NoActiveContextError
+from polydatum.lifecycle import active_lifecycle
 
 if TYPE_CHECKING:
+    from polydatum.access import DataAccessLayer
     from polydatum.context import DataAccessContext
-    from polydatum.dal import DataAccessLayer, DataManager
+    from polydatum.registry import DataManager
 
 
 class Service:
@@ -42,7 +43,8 @@ class Service:
             # fallback made it: never over a class attribute or an instance attribute.
             # Kept in the instance dict rather than found by ``__getattr__``, because a
             # class with ``__getattr__`` gets no specialised attribute access from
-            # CPython: every ``self._ctx`` in every service method would pay for it.
+            # CPython: every ``self._ctx`` in every service method would pay for it
+            # (benchmarks/README.md).
             if key not in self.__dict__ and not hasattr(type(self), key):
                 self.__dict__[key] = service
         dal = self.__dict__.get("_dal")
@@ -60,10 +62,11 @@ class Service:
     @property
     def _ctx(self) -> DataAccessContext:
         """The active context; ``RuntimeError`` when none is active."""
-        c = _active_lifecycle()
+        c = active_lifecycle()
         if c is None or c.ctx is None:  # none, or one exited in another thread or task
             raise NoActiveContextError(
                 f"{type(self).__name__}._ctx used with no context active; call services "
                 f"inside `with dm.context():` (or `with dm.dal() as dal:`)."
             )
-        return c.ctx
+        ctx: DataAccessContext = c.ctx
+        return ctx

@@ -172,7 +172,7 @@ from polydatum.sql_engine import telemetry_attributes_for as telemetry_attribute
 
 if TYPE_CHECKING:
     from polydatum.context import DataAccessContext
-    from polydatum.dal import DataManager
+    from polydatum.registry import DataManager
 
 __all__ = [
     "DEFAULT_DATABASE_URL",

@@ -40,13 +40,21 @@ from opentelemetry.metrics import Observation
 from opentelemetry.metrics import _internal as _metrics_internal
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from polydatum.lifecycle import PROPAGATED, Outcome
+from polydatum.lifecycle import (
+    PROPAGATED,
+    ContextObserver,
+    ObservedContext,
+    ObserverFactory,
+    Outcome,
+    add_exit_reporter,
+    open_lifecycles,
+)
+from polydatum.version import __version__
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
     from opentelemetry.trace import Span, TracerProvider
 
-    from polydatum.context import DataAccessContext
     from polydatum.meta import Meta
 
 __all__ = [
@@ -534,12 +542,10 @@ def _observe_active(provider: Any) -> Any:
     """
 
     def observe(_options: Any) -> Iterable[Observation]:
-        from polydatum.context import _OPEN
-
         count = 0
-        for ctx in list(_OPEN):
-            telemetry = ctx._telemetry
-            if telemetry is not None:
+        for lifecycle in open_lifecycles():
+            telemetry = lifecycle.observer
+            if isinstance(telemetry, ContextTelemetry):
                 instruments = telemetry.instruments
                 if instruments is not None and instruments.provider is provider:
                     count += 1
@@ -561,8 +567,6 @@ class _Instruments:
     )
 
     def __init__(self, provider: MeterProvider) -> None:
-        from polydatum import __version__
-
         self.provider = provider
         meter = provider.get_meter(INSTRUMENTATION_NAME, __version__)
         buckets = list(DURATION_BUCKETS)
@@ -720,8 +724,6 @@ class Telemetry:
         if isinstance(provider, trace.NoOpTracerProvider):
             return None
         if provider is not self._tracer_for:
-            from polydatum import __version__
-
             self._tracer = provider.get_tracer(INSTRUMENTATION_NAME, __version__)
             self._tracer_for = provider
         return self._tracer
@@ -740,7 +742,7 @@ class Telemetry:
             self._instruments_for = provider
         return self._instruments
 
-    def start(self, ctx: DataAccessContext) -> ContextTelemetry | None:
+    def start(self, ctx: ObservedContext) -> ContextTelemetry | None:
         """Begin recording one context, or ``None`` when nothing would record."""
         if not _ENABLED:
             return None
@@ -776,8 +778,8 @@ class Telemetry:
             return None
         return ContextTelemetry(self, ctx, tracer, instruments, info)
 
-    def record_idle_teardown_error(
-        self, ctx: DataAccessContext, resource: str, error: BaseException
+    def record_unobserved_teardown_error(
+        self, ctx: ObservedContext, resource: str, error: BaseException
     ) -> None:
         """Log a suppressed teardown error of a context that records nothing else."""
         _logger(context_id=ctx.id).warning(
@@ -861,7 +863,7 @@ class ContextTelemetry:
     def __init__(
         self,
         telemetry: Telemetry,
-        ctx: DataAccessContext,
+        ctx: ObservedContext,
         tracer: Any,
         instruments: _Instruments | None,
         info: bool,
@@ -1139,3 +1141,35 @@ class ContextTelemetry:
                 duration_ms=round(duration * 1000, 3),
                 **({"error_type": error_type(error)} if error is not None else {}),
             )
+
+
+def span_context_of(observer: ContextObserver | None) -> Any:
+    """The OpenTelemetry context in which the context span of ``observer`` is current
+    (``None`` when it records no span): for integrations that run code of the request
+    outside the ``with`` block's own task or thread."""
+    return observer.parent_ctx if isinstance(observer, ContextTelemetry) else None
+
+
+def _report_open_at_exit(still_open: list[Any]) -> None:
+    """At interpreter exit: end the spans of contexts still open, and say so once."""
+    for lifecycle in still_open:
+        observer = lifecycle.observer
+        if observer is not None:
+            observer.abandon()
+    _logger().warning(
+        "polydatum.context.open_at_exit",
+        count=len(still_open),
+        context_ids=sorted(lifecycle.id for lifecycle in still_open),
+        states=sorted(lifecycle.state.value for lifecycle in still_open),
+        detail="these contexts were never exited: their resources were not torn down",
+    )
+
+
+add_exit_reporter(_report_open_at_exit)
+
+if TYPE_CHECKING:  # mypy checks that the telemetry implements the lifecycle's protocols
+
+    def _implements(
+        factory: Telemetry, observer: ContextTelemetry
+    ) -> tuple[ObserverFactory, ContextObserver]:
+        return factory, observer

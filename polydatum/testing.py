@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 if TYPE_CHECKING:
-    from polydatum.dal import DataManager
+    from polydatum.registry import DataManager
 
 try:
     from opentelemetry.sdk.metrics import MeterProvider
@@ -150,7 +150,7 @@ class TelemetryCapture:
 
     def data_manager(self, **kwargs: Any) -> DataManager:
         """A DataManager wired to this capture's providers."""
-        from polydatum.dal import DataManager
+        from polydatum.registry import DataManager
 
         return DataManager(
             tracer_provider=self.tracer_provider, meter_provider=self.meter_provider, **kwargs

@@ -572,7 +572,7 @@ def _capture_provider(dm: Any) -> Any:
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
     exporter = InMemorySpanExporter()
-    telemetry = dm._telemetry
+    telemetry = dm.telemetry
     provider = telemetry.tracer_provider
     if provider is None:
         provider = trace.get_tracer_provider()

@@ -625,4 +625,4 @@ def test_get_middleware_and_get_dal_overrides_are_called_for_every_context(enter
         else:
             asyncio.run(run_async(user))
     assert log == ["get_dal", "audit admin", "get_dal", "get_dal", "audit admin"]
-    assert DataManager()._plain_middleware is not None  # the plain one reads its list
+    assert DataManager().context_middleware is not None  # the plain one reads its list

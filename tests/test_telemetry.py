@@ -439,7 +439,7 @@ def test_no_sdk_means_no_work_and_no_output() -> None:
         dm.register_services(s=S())
         dm.register_resources(db=db, flaky=flaky)
         with dm.context() as ctx:
-            assert dm._telemetry.start(ctx) is None
+            assert dm.telemetry.start(ctx) is None
             assert ctx._telemetry is None
             assert ctx.dal.s.ping() == "pong"
             ctx.db

@@ -50,7 +50,7 @@ from polydatum.errors import ErrorResponse, HandledAsSuccess
 
 if TYPE_CHECKING:
     from polydatum.context import DataAccessContext
-    from polydatum.dal import DataManager
+    from polydatum.registry import DataManager
 
 __all__ = [
     "ErrorStatus",
@@ -193,7 +193,7 @@ def _disposables(dm: DataManager) -> list[tuple[str, Any]]:
     """
     seen: set[int] = set()
     found: list[tuple[str, Any]] = []
-    for name, resource in dm._resource_manager.items():
+    for name, resource in dm.registered_resources().items():
         dispose = getattr(resource, "dispose", None)
         if not callable(dispose) or id(resource) in seen:
             continue

@@ -117,8 +117,9 @@ except ImportError:  # pragma: no cover - anyio comes with Starlette, FastAPI an
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
+    from polydatum.access import DataAccessLayer
     from polydatum.context import DataAccessContext
-    from polydatum.dal import DataAccessLayer, DataManager
+    from polydatum.registry import DataManager
 
 __all__ = [
     "SCOPE_KEY",

@@ -100,7 +100,8 @@ except ImportError as _error:  # pragma: no cover - exercised in a subprocess te
     missing_framework("polydatum.integrations.celery", "Celery", "celery", _error)
 
 if TYPE_CHECKING:
-    from polydatum.dal import DataAccessLayer, DataManager
+    from polydatum.access import DataAccessLayer
+    from polydatum.registry import DataManager
 
 __all__ = ["META_HEADER", "TRACE_HEADER", "PolydatumTask", "default_meta", "init_celery"]
 
@@ -294,12 +295,12 @@ def _async_reasons(dm: DataManager) -> tuple[str, ...]:
     if reasons is None:
         found = [
             f"context middleware {callable_name(m)!r} is an async generator"
-            for m in dm._middleware
+            for m in dm.registered_context_middleware()
             if _is_async_generator_callable(m)
         ]
         found += [
             f"resource {name!r} is an async generator"
-            for name, resource in dm._resource_manager.items()
+            for name, resource in dm.registered_resources().items()
             if _is_async_generator_callable(resource)
         ]
         methods = _async_methods("", dm.get_dal().services)

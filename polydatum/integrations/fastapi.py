@@ -38,8 +38,8 @@ try:
 except ImportError as _error:  # pragma: no cover - exercised in a subprocess test
     missing_framework("polydatum.integrations.fastapi", "FastAPI", "fastapi", _error)
 
+from polydatum.access import DataAccessLayer
 from polydatum.context import DataAccessContext
-from polydatum.dal import DataAccessLayer
 from polydatum.integrations import asgi
 
 __all__ = ["DAL", "Context", "get_context", "get_dal"]

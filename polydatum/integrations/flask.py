@@ -110,8 +110,9 @@ from polydatum.integrations.wsgi import ResponseBody
 from polydatum.meta import Meta
 
 if TYPE_CHECKING:
+    from polydatum.access import DataAccessLayer
     from polydatum.context import DataAccessContext
-    from polydatum.dal import DataAccessLayer, DataManager
+    from polydatum.registry import DataManager
 
 __all__ = ["context", "dal", "default_meta", "get_data_manager", "init_app"]
 

@@ -65,6 +65,7 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry import context as otel_context
 from opentelemetry.context import Context
 
+from polydatum.context import observer_of
 from polydatum.errors import IncompleteResponse
 from polydatum.integrations import (
     ErrorStatus,
@@ -73,10 +74,11 @@ from polydatum.integrations import (
     is_error_status,
 )
 from polydatum.meta import Meta
+from polydatum.telemetry import span_context_of
 
 if TYPE_CHECKING:
     from polydatum.context import DataAccessContext
-    from polydatum.dal import DataManager
+    from polydatum.registry import DataManager
 
 __all__ = [
     "CLOSED_EARLY",
@@ -416,8 +418,7 @@ def _end_with(ctx: DataAccessContext, error: BaseException) -> None:
 
 def _span_context(ctx: DataAccessContext | None) -> Any:
     """The OpenTelemetry context in which ``ctx``'s span is current (None: not recording)."""
-    telemetry = ctx._telemetry if ctx is not None else None
-    return telemetry.parent_ctx if telemetry is not None else None
+    return span_context_of(observer_of(ctx)) if ctx is not None else None
 
 
 def _release_current(token: Token[Context], attached: Any) -> None:

@@ -1,0 +1,470 @@
+"""The DataAccessLayer: the way into services (``dal.users.profile.get(7)``).
+
+Attribute access builds immutable commands (cached, so a hot path allocates none);
+calling one resolves the path to a service method (cached per registration
+generation), runs the method middleware chain around it, and records the call on the
+active context's observer when something records.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from polydatum.context import lifecycle_of
+from polydatum.errors import (
+    AlreadyExistsException,
+    ContextStateError,
+    DalMethodError,
+    InvalidMiddleware,
+    NoActiveContextError,
+    RegistrationError,
+)
+from polydatum.lifecycle import active_lifecycle, callable_name
+from polydatum.middleware import (
+    DalCommand,
+    DalCommandRequest,
+    PathSegment,
+    Resolved,
+    dal_method_resolver_middleware,
+    handle_dal_method,
+    resolve_path,
+)
+from polydatum.services import Service
+
+if TYPE_CHECKING:
+    from polydatum.registry import DataManager
+
+__all__ = ["DataAccessLayer", "MethodMiddleware", "is_async_callable", "public_methods"]
+
+MethodMiddleware = Callable[[DalCommandRequest, Callable[[DalCommandRequest], Any]], Any]
+
+
+def _sync_caller(path: str) -> ContextStateError:
+    """An ``async def`` service method called in a context entered with a sync ``with``."""
+    return ContextStateError(
+        f"dal.{path} is an `async def` method, but the active context was entered with a "
+        f"sync `with`: enter it with `async with dm.context()` (or `async with dm.dal()`) "
+        f"and call `await dal.{path}(...)`."
+    )
+
+
+def _no_context() -> NoActiveContextError:
+    return NoActiveContextError(
+        "A DataAccessContext must be started to access the DAL: "
+        "use `with dm.dal() as dal:` or `with dm.context() as ctx:`."
+    )
+
+
+class _ServiceAttribute:
+    """``dal.<service>`` for a registered service, found on the DAL's own class.
+
+    The first hop of a DAL path would otherwise go through ``__getattr__``, after a
+    failed look-up that builds and discards an ``AttributeError`` (benchmarks/README.md,
+    "Why the core looks the way it does"). Same result and the same check (a context
+    must be active) as ``__getattr__``.
+    """
+
+    __slots__ = ("command", "name")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.command: DalCommand | None = None  # the DAL's command for name, once made
+
+    def __get__(self, dal: DataAccessLayer | None, owner: type | None = None) -> Any:
+        if dal is None:
+            return self
+        command = self.command
+        if command is None or (c := active_lifecycle()) is None or c.ctx is None:
+            command = self.command = dal._command(self.name)  # raises outside a context
+        return command
+
+
+class DataAccessLayer:
+    """Gives access to a DataManager's services: ``dal.users.profile.get(7)``.
+
+    ``middleware`` are method middleware ``mw(request, handler)``, outermost first
+    (a class is instantiated); ``default_middleware`` run innermost (by default the
+    resolver) and ``handler`` calls the resolved method.
+    """
+
+    def __init__(
+        self,
+        data_manager: DataManager | None,
+        middleware: Iterable[Any] | None = None,
+        default_middleware: Iterable[Any] | None = (dal_method_resolver_middleware,),
+        handler: Callable[[DalCommandRequest], Any] = handle_dal_method,
+    ) -> None:
+        cls = type(self)
+        if "_services_class" not in cls.__dict__:
+            # A class of this DAL's own, to hold a _ServiceAttribute per service.
+            self.__class__ = type(
+                cls.__name__,
+                (cls,),
+                {"_services_class": True, "__module__": cls.__module__,
+                 "__qualname__": cls.__qualname__},
+            )  # fmt: skip
+        self._services: dict[str, Service] = {}
+        self._data_manager = data_manager
+        self._resolved: dict[tuple[str, ...], Resolved] = {}
+        # Replaced whenever what a path resolves to may change (services, middleware):
+        # commands remember their resolution together with the cell it is valid for.
+        self._valid = [True]
+        self._base_handler = handler
+        self._default_middleware = [self._check(m) for m in (default_middleware or ())]
+        self._middleware: list[Any] = []
+        self._handler: Callable[[DalCommandRequest], Any] = handler
+        self._ahandler: Callable[[DalCommandRequest], Any] = handler
+        self.add_middleware(*(middleware or ()))
+
+    @staticmethod
+    def _check(middleware: Any) -> Any:
+        if inspect.isclass(middleware):
+            middleware = middleware()
+        if not callable(middleware):
+            raise InvalidMiddleware(
+                f"{middleware!r} is not a valid method middleware: it must be a callable "
+                f"mw(request, handler)."
+            )
+        return middleware
+
+    def add_middleware(self, *middleware: Any) -> None:
+        """Append method middleware (inside those already added) and rebuild the chain."""
+        checked = [self._check(m) for m in middleware]
+        self._middleware.extend(checked)
+        chain = [*self._middleware, *self._default_middleware]
+        handler: Callable[[DalCommandRequest], Any] = self._base_handler
+        for m in reversed(chain):
+            handler = partial(m, handler=handler)
+        self._handler = handler
+
+        async def innermost(request: DalCommandRequest) -> Any:
+            result = self._base_handler(request)
+            if inspect.isawaitable(result):
+                result = await result
+            return result
+
+        ahandler: Callable[[DalCommandRequest], Any] = innermost
+        for m in reversed(chain):
+            ahandler = _async_link(m, ahandler)
+        self._ahandler = ahandler
+        # No method middleware of the user's and the stock resolver and handler: a
+        # resolved call can go straight to the method (the common, hot case).
+        self._bump()
+        # A sync method's call runs the sync chain: an ``async def`` middleware there
+        # would hand the caller a coroutine instead of the result (see _sync_result).
+        self._async_middleware: list[str] = [
+            callable_name(m) for m in self._middleware if is_async_callable(m)
+        ]
+        self._direct = (
+            not self._middleware
+            and self._default_middleware == [dal_method_resolver_middleware]
+            and self._base_handler is handle_dal_method
+        )
+
+    @property
+    def method_middleware(self) -> list[Any]:
+        """The method middleware in call order (outermost first), defaults included."""
+        return [*self._middleware, *self._default_middleware]
+
+    # -- services -------------------------------------------------------------------
+
+    def register_services(self, **services: Service) -> DataAccessLayer:
+        """Register services; ``AlreadyExistsException`` for a name already taken."""
+        for key in services:
+            if key in self._services:
+                raise AlreadyExistsException(
+                    f"A Service for {key} is already registered; "
+                    f"use replace_service({key!r}, ...) to override it."
+                )
+        for key, service in services.items():
+            self._init_service(key, service)
+        return self
+
+    def replace_service(self, key: str, service: Service) -> Service:
+        """Register ``service`` under ``key``, replacing any existing one (tests, variants)."""
+        return self._init_service(key, service)
+
+    def _init_service(self, key: str, service: Service) -> Service:
+        setup = getattr(service, "setup", None)
+        if not callable(setup):
+            raise RegistrationError(
+                f"Service {key}={service!r} must be a polydatum.Service (it has no setup() method)."
+            )
+        setup(self._data_manager)
+        self._services[key] = service
+        cls = type(self)
+        if (
+            cls.__dict__.get("_services_class")
+            and not key.startswith("_")
+            and not any(key in klass.__dict__ for klass in cls.__mro__[1:])
+        ):
+            setattr(cls, key, _ServiceAttribute(key))  # never over the DAL's own attributes
+        self._invalidate()
+        return service
+
+    def _invalidate(self) -> None:
+        """Forget every cached resolution (a service was registered or replaced)."""
+        self._resolved.clear()
+        self._bump()
+
+    def _bump(self) -> None:
+        """A new registration generation: what any path resolves to may have changed.
+
+        Commands that remember a resolution hold the generation's ``_valid`` cell (a
+        one-item list) and check ``cell[0]``: cheaper than comparing counters through
+        the DAL, whose attributes are slow to read (it has ``__getattr__``).
+        """
+        self._valid[0] = False
+        self._valid = [True]
+
+    @property
+    def services(self) -> dict[str, Service]:
+        """The registered top-level services (a copy)."""
+        return dict(self._services)
+
+    # -- calling ------------------------------------------------------------------
+
+    def _resolve(self, names: tuple[str, ...]) -> Resolved:
+        try:
+            return self._resolved[names]
+        except KeyError:
+            pass
+        except TypeError:  # unhashable names from a hostile caller
+            raise DalMethodError(tuple(PathSegment(str(n)) for n in names), "bad path") from None
+        resolved = resolve_path(self._services, names)
+        if len(self._resolved) < 10_000:
+            self._resolved[names] = resolved
+        return resolved
+
+    def _call(self, path: tuple[PathSegment, ...], *args: Any, **kwargs: Any) -> Any:
+        """Handler of :class:`DalCommand` objects built by hand (polydatum 1.0 style)."""
+        return self._call_names(tuple(p.name for p in path), args, kwargs, path)
+
+    def _call_names(
+        self,
+        names: tuple[str, ...],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        path: tuple[PathSegment, ...] | None = None,
+        command: _DalPath | None = None,
+    ) -> Any:
+        c = active_lifecycle()
+        if c is None or c.ctx is None:  # none, or one exited in another thread or task
+            raise _no_context()
+        resolved = self._resolved.get(names)
+        if resolved is None:
+            try:
+                resolved = self._resolve(names)
+            except DalMethodError:
+                resolved = None  # middleware may still handle it; the resolver raises otherwise
+        if resolved is not None and self._direct and not resolved.is_async:
+            if command is not None:  # next time the command calls the method itself
+                command._fast = (self._valid, resolved)
+            method = getattr(resolved.service, resolved.method)
+            observer = c.observer
+            if observer is None:
+                return method(*args, **kwargs)
+            step = observer.call_started(resolved.path, resolved.function)
+            try:
+                result = method(*args, **kwargs)
+            except BaseException as error:
+                observer.call_finished(step, error)
+                raise
+            observer.call_finished(step, None)
+            return result
+        if path is None:
+            path = tuple(PathSegment(n) for n in names)
+        request = DalCommandRequest(c.ctx, path, args, kwargs)
+        if resolved is not None:
+            request.dal_method = getattr(resolved.service, resolved.method)
+            request._resolved_path = path
+            if resolved.is_async:
+                if not c.is_async:
+                    raise _sync_caller(resolved.path)
+                return self._acall(request, resolved)
+        observer = c.observer
+        if observer is None or resolved is None:
+            result = self._handler(request)
+            if self._async_middleware and resolved is not None:
+                self._check_sync_result(result, resolved)
+            return result
+        step = observer.call_started(resolved.path, resolved.function)
+        try:
+            result = self._handler(request)
+            if self._async_middleware:
+                self._check_sync_result(result, resolved)
+        except BaseException as error:
+            observer.call_finished(step, error)
+            raise
+        observer.call_finished(step, None)
+        return result
+
+    def _check_sync_result(self, result: Any, resolved: Resolved) -> None:
+        """A sync method called through ``async def`` method middleware got back an
+        awaitable: say so, instead of handing the caller an un-awaited coroutine."""
+        if not inspect.isawaitable(result):
+            return
+        if inspect.iscoroutine(result):
+            result.close()  # never started: the method did not run
+        names = ", ".join(self._async_middleware)
+        raise InvalidMiddleware(
+            f"dal.{resolved.path} is a sync method, but the method middleware {names} "
+            f"is async (it returned an awaitable, not the result). Make the method "
+            f"`async def` and await it, or make the middleware a plain function that "
+            f"returns handler(request) for sync methods."
+        )
+
+    async def _acall(self, request: DalCommandRequest, resolved: Resolved) -> Any:
+        c = lifecycle_of(request.ctx)
+        if c.ctx is None:  # the call was made in the context, awaited after it ended
+            raise ContextStateError(
+                f"dal.{resolved.path}(...) was awaited after its context ended: await a "
+                f"DAL call inside the `async with dm.context()` block that made it."
+            )
+        observer = c.observer
+        if observer is None:
+            return await self._ahandler(request)
+        step = observer.call_started(resolved.path, resolved.function)
+        try:
+            result = await self._ahandler(request)
+        except BaseException as error:
+            observer.call_finished(step, error)
+            raise
+        observer.call_finished(step, None)
+        return result
+
+    def __getattr__(self, name: str) -> DalCommand:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return self._command(name)
+
+    def _command(self, name: str) -> DalCommand:
+        """The command for ``dal.<name>``; ``dal.<name>`` needs an active context (0.9.1)."""
+        c = active_lifecycle()
+        if c is None or c.ctx is None:  # none, or one exited in another thread or task
+            raise _no_context()
+        # Commands are immutable: the DAL hands out one per name (bounded), so that
+        # ``dal.users.get(7)`` allocates no command objects on the hot path.
+        commands: dict[str, DalCommand] | None = self.__dict__.get("_commands")
+        if commands is None:
+            commands = self.__dict__["_commands"] = {}
+        command = commands.get(name)
+        if command is None:
+            command = _DalPath._from_names(self._call, (name,))
+            if len(commands) < _COMMAND_CACHE_SIZE:
+                commands[name] = command
+        return command
+
+    def __getitem__(self, path: str) -> DalCommand:
+        """A command from a dotted path (``dal['users.profile.get']``); a leading ``dal.``
+        is ignored. Resolution (and any DalMethodError) happens when it is called."""
+        if not isinstance(path, str):
+            raise DalMethodError((PathSegment(repr(path)),), "a DAL path is a dotted string")
+        names = path.split(".")
+        if names and names[0] == "dal":
+            names = names[1:]
+        return _DalPath._from_names(self._call, tuple(names))
+
+
+_DAL = DataAccessLayer
+
+
+#: Most cached child commands per command (and top-level commands per DAL): attribute
+#: names come from code, but ``getattr(dal, untrusted)`` must not grow memory unbounded.
+_COMMAND_CACHE_SIZE = 1000
+
+
+class _DalPath(DalCommand):
+    """A command built by the DAL itself: calls go straight to the DAL with plain names.
+
+    Child commands are cached in the instance ``__dict__`` (``dal.users.get`` is the
+    same object every time, and after the first time Python finds it without calling
+    ``__getattr__``) and always carry plain names, so calling one costs no
+    allocation besides the call. Only names that are no attribute of the class get
+    there: ``__getattr__`` runs for those alone.
+    """
+
+    __slots__ = ("__dict__", "_fast")
+    #: ``(valid cell, resolution)`` once resolved with no method middleware in the
+    #: way; used while ``cell[0]`` (see ``DataAccessLayer._bump``).
+    _fast: tuple[list[bool], Resolved] | None
+
+    @classmethod
+    def _from_names(cls, handler: Callable[..., Any], names: tuple[str, ...]) -> DalCommand:
+        command = super()._from_names(handler, names)
+        command._fast = None  # type: ignore[attr-defined]
+        return command
+
+    def __getattr__(self, name: str) -> DalCommand:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        child = _DalPath._from_names(self._handler, (*self.names, name))
+        children = self.__dict__
+        if len(children) < _COMMAND_CACHE_SIZE:  # bounded: names may come from getattr()
+            children[name] = child
+        return child
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        fast = self._fast
+        if fast is not None and fast[0][0]:
+            # Resolved before for this registration, no method middleware: call the
+            # method directly (looked up every call: it may be patched), in a service
+            # call span when the context records.
+            c = active_lifecycle()
+            if c is not None and c.ctx is not None:  # else _call_names raises
+                target = fast[1]
+                observer = c.observer
+                if observer is None:
+                    return getattr(target.service, target.method)(*args, **kwargs)
+                step = observer.call_started(target.path, target.function)
+                try:
+                    result = getattr(target.service, target.method)(*args, **kwargs)
+                except BaseException as error:
+                    observer.call_finished(step, error)
+                    raise
+                observer.call_finished(step, None)
+                return result
+        dal: DataAccessLayer = self._handler.__self__  # type: ignore[attr-defined]
+        return dal._call_names(self._names or self.names, args, kwargs, command=self)
+
+
+def public_methods(service: Any) -> list[tuple[str, Any]]:
+    """``(name, function)`` of each method the DAL reaches on ``service``, found
+    statically: a descriptor (a property, a ServiceSafe, ...) may need an active
+    context, and inspecting a registration must not run application code."""
+    found = []
+    subs = service.__dict__.get("_services") or {}
+    base = dir(Service)
+    for attr in dir(type(service)):
+        if attr.startswith("_") or attr in subs:
+            continue
+        if attr in base and attr not in type(service).__dict__:
+            continue
+        static = inspect.getattr_static(service, attr)
+        if isinstance(static, (staticmethod, classmethod)):
+            static = static.__func__
+        if inspect.isfunction(static) or (
+            callable(static) and not hasattr(type(static), "__get__")
+        ):
+            found.append((attr, static))
+    return found
+
+
+def is_async_callable(obj: Any) -> bool:
+    """An ``async def`` function (or partial of one), or an object whose ``__call__`` is."""
+    return inspect.iscoroutinefunction(obj) or inspect.iscoroutinefunction(
+        getattr(obj, "__call__", None)  # noqa: B004 - the attribute itself
+    )
+
+
+def _async_link(middleware: Any, inner: Callable[[DalCommandRequest], Any]) -> Any:
+    async def link(request: DalCommandRequest) -> Any:
+        result = middleware(request, inner)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+    return link

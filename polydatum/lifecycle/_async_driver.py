@@ -1,0 +1,247 @@
+"""The lifecycle driver: entering a context, creating its resources, tearing it down.
+
+This file is the one copy of that logic. It is written for ``async with`` contexts;
+``_sync_driver.py`` is generated from it by ``scripts/unasync.py`` (``await`` removed,
+``async`` names mapped to their sync twins, and the lines marked ``# async only``
+left out -- an ``else:`` so marked keeps its block, one level out), and
+``tests/test_unasync.py`` fails when the generated file is not what the script makes.
+Edit this file, then run ``python scripts/unasync.py``.
+
+Contexts that record and contexts that do not run the same code: ``observer`` is
+``None`` when nothing records, and every observer call is behind that check.
+"""
+
+from __future__ import annotations
+
+from contextvars import copy_context
+from types import GeneratorType, TracebackType
+from typing import Any
+
+import polydatum.lifecycle.stepping as stepping  # async only
+from polydatum.errors import TeardownErrors
+from polydatum.lifecycle.core import CREATING, LifecycleCore
+from polydatum.lifecycle.records import Registration, StepRecord
+from polydatum.lifecycle.rules import (
+    RAISED,
+    RETURNED,
+    SUPPRESSED,
+    YIELDED,
+    after_middleware_teardown,
+    cannot_create,
+    cannot_use,
+    classify,
+    did_not_yield,
+    is_teardown_error,
+    resource_cycle,
+    setup_problem,
+    twice_yielded,
+)
+from polydatum.lifecycle.states import (
+    RESOURCE_CREATE_STATES,
+    RESOURCE_USE_STATES,
+    on_exit,
+    on_middleware_done,
+    on_setup_done,
+    on_setup_failed,
+    transition,
+)
+from polydatum.lifecycle.stepping import FINISHED
+
+__all__ = ["AsyncDriver"]
+
+#: Whether this driver steps async generators.
+AWAITS = True
+
+
+class AsyncDriver(LifecycleCore):
+    """Drives a context entered with ``async with``: sync and async generators."""
+
+    async def aenter(self) -> Any:
+        """Enter: set the context middleware up in registration order."""
+        self.is_async = True  # async only
+        self.begin()
+        ctx = self.ctx
+        try:
+            dm = self.data_manager
+            chain = dm.context_middleware
+            if chain is None:  # get_middleware() is overridden: asked for each context
+                chain = dm.context_middleware_for(ctx)
+            stack = self.middleware_stack
+            for registration in chain:
+                await self._aset_up(registration, stack)
+        except BaseException as error:
+            state = self.state
+            self.state = on_setup_failed(state) or transition(state, "setup_failed")
+            final = await self._ateardown(error, True)
+            if final is None or final is error:
+                raise
+            if isinstance(final, TeardownErrors):
+                raise final from final.__cause__  # the error the setup ended with
+            raise final from error  # a middleware replaced the setup error
+        state = self.state
+        self.state = on_setup_done(state) or transition(state, "setup_done")
+        return ctx.dal if self.yields_dal else ctx
+
+    async def aexit(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        """Exit: tear down; ``True`` when middleware suppressed the block's exception."""
+        state = self.state
+        self.state = on_exit(state) or transition(state, "exit")
+        if exc_type is not None and exc is None:
+            exc = exc_type()
+        final = await self._ateardown(exc, False)
+        if final is None:
+            return exc is not None  # suppressed by middleware: the block completes
+        if final is exc:
+            return False  # let Python re-raise it with its own traceback
+        raise final
+
+    async def aresource(self, name: str) -> Any:
+        """Resource ``name``, created on first use."""
+        state = self.state
+        if state not in RESOURCE_USE_STATES:
+            raise cannot_use(name, state)
+        resources = self.resources
+        if name in resources:
+            value = resources[name]
+            if value is CREATING:
+                raise resource_cycle(name)
+            return value
+        return await self._acreate(name)
+
+    async def _acreate(self, name: str) -> Any:
+        """Create resource ``name``, known not to exist yet."""
+        state = self.state
+        if state not in RESOURCE_CREATE_STATES:
+            raise cannot_create(name, state)
+        dm = self.data_manager
+        registration = dm.resource_registrations.get(name)
+        if registration is None:  # a customised look-up, or no such resource
+            registration = dm.resource_registration(name)
+        resources = self.resources
+        resources[name] = CREATING  # asking for it during its own setup is a cycle
+        try:
+            value = await self._aset_up(registration, self.resource_stack)
+        except BaseException:
+            del resources[name]
+            raise
+        resources[name] = value
+        return value
+
+    async def _aset_up(self, registration: Registration, stack: list[StepRecord]) -> Any:
+        """Call a middleware or resource and run it to its ``yield``: push it on
+        ``stack`` and return what it yielded, or raise what went wrong."""
+        observer = self.observer
+        position = len(stack)
+        if observer is not None:
+            scope = observer.step_started(
+                registration.kind, "setup", registration.name, position, registration.attributes
+            )
+        call = registration.source
+        try:
+            gen = call(self.ctx)
+        except BaseException as error:
+            if observer is not None:
+                observer.step_finished(scope, RAISED, error, None)
+            raise
+        is_async = False
+        if type(gen) is not GeneratorType:
+            problem = setup_problem(registration, gen, AWAITS)
+            if problem is not None:
+                if observer is not None:
+                    observer.step_finished(scope, RAISED, problem, None)
+                raise problem
+            is_async = True
+        cv = copy_context()
+        if observer is not None:
+            cv.run(scope.enter)  # the step's span is current for the generator's code
+        if is_async:  # async only
+            outcome, value = await stepping.astep(gen, cv, None)  # async only
+        else:  # async only
+            try:
+                value = cv.run(next, gen, FINISHED)
+            except BaseException as raised:
+                outcome, value = RAISED, raised
+            else:
+                outcome = RETURNED if value is FINISHED else YIELDED
+        if outcome is YIELDED:
+            stack.append((registration, position, gen, is_async, cv))
+            if observer is not None:
+                observer.step_finished(scope, YIELDED, None, None)
+            return value
+        failure = value if outcome is RAISED else did_not_yield(registration)
+        if observer is not None:
+            observer.step_finished(scope, outcome, failure, None)
+        raise failure
+
+    async def _ateardown(
+        self, exc: BaseException | None, setup_failed: bool
+    ) -> BaseException | None:
+        """Tear middleware down innermost first, each seeing the exception as it stands,
+        then resources most recently created first; returns what the block ends with."""
+        observer = self.observer
+        current = exc
+        stack = self.middleware_stack
+        tearing_down_middleware = True
+        while True:
+            if not stack:
+                if not tearing_down_middleware:
+                    break
+                tearing_down_middleware = False
+                state = self.state
+                self.state = on_middleware_done(state) or transition(state, "middleware_done")
+                if self.has_hooks:
+                    self.teardown_hook(current)
+                stack = self.resource_stack
+                continue
+            registration, position, gen, is_async, cv = stack.pop()
+            if observer is not None:
+                scope = observer.step_started(
+                    registration.kind,
+                    "teardown",
+                    registration.name,
+                    position,
+                    registration.attributes,
+                )
+                cv.run(scope.enter)
+            if is_async:  # async only
+                outcome, value = await stepping.astep(gen, cv, current)  # async only
+            else:  # async only
+                try:
+                    if current is None:
+                        value = cv.run(next, gen, FINISHED)
+                        outcome = RETURNED if value is FINISHED else YIELDED
+                    else:
+                        value = cv.run(gen.throw, current)
+                        outcome = YIELDED
+                except StopIteration:
+                    outcome = SUPPRESSED  # it returned from the yield the exception came to
+                except BaseException as raised:
+                    outcome, value = classify(current, raised), raised
+            if outcome is RETURNED:  # torn down cleanly
+                if observer is not None:
+                    observer.step_finished(scope, RETURNED, None, current)
+                continue
+            error: BaseException | None = None
+            if outcome is YIELDED:
+                error = twice_yielded(registration)
+                try:
+                    if is_async:  # async only
+                        await stepping.aclose(gen, cv)  # async only
+                    else:  # async only
+                        cv.run(gen.close)
+                except BaseException:  # the second yield is what is reported
+                    pass
+            elif outcome is not SUPPRESSED:
+                error = value
+            if observer is not None:
+                observer.step_finished(scope, outcome, error, current)
+            if tearing_down_middleware:
+                current = after_middleware_teardown(current, outcome, error)
+            elif is_teardown_error(outcome, error):
+                self.record_teardown_error(registration.name, error)  # type: ignore[arg-type]
+        return self.end(exc, current, setup_failed)

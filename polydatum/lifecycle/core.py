@@ -1,0 +1,302 @@
+"""The state one context's lifecycle keeps, and what its two drivers share.
+
+:class:`LifecycleCore` holds a context's state, its resources and the stacks of
+generators set up, and does what involves no generator: beginning (the active
+context, the observer), recording a teardown error, ending (the exit exception,
+the teardown-error policy, the 0.9.1 hooks). The drivers that step generators
+(:mod:`polydatum.lifecycle._async_driver` and the sync one generated from it)
+build on it.
+
+It is kept apart from the :class:`~polydatum.context.DataAccessContext` users hold,
+which has a ``__getattr__`` (``ctx.db`` creates the resource ``db``): attribute
+reads on a class with ``__getattr__`` take the interpreter's generic path, and the
+lifecycle reads its own attributes at every step (benchmarks/README.md).
+"""
+
+from __future__ import annotations
+
+import atexit
+from collections.abc import Callable
+from contextvars import ContextVar, Token
+from random import getrandbits
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Protocol
+
+from polydatum.errors import CommitError, TeardownErrors
+from polydatum.lifecycle.observer import ContextObserver, ObserverFactory
+from polydatum.lifecycle.records import Registration, StepRecord
+from polydatum.lifecycle.states import (
+    RESOURCE_CREATE_STATES,
+    State,
+    on_enter,
+    on_resources_done,
+    transition,
+)
+
+__all__ = [
+    "CREATING",
+    "ExcInfo",
+    "LifecycleCore",
+    "LifecycleHost",
+    "active_lifecycle",
+    "add_exit_reporter",
+    "open_lifecycles",
+]
+
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
+
+
+class LifecycleHost(Protocol):
+    """What the lifecycle needs of its DataManager."""
+
+    #: Makes each context's observer.
+    observers: ObserverFactory
+    #: ``"record"`` or ``"raise"``: what happens to suppressed teardown errors at exit.
+    teardown_errors: str
+    #: The context middleware, in setup order; ``None`` when the chain is asked for
+    #: per context (an overridden ``get_middleware``): see ``context_middleware_for``.
+    context_middleware: list[Registration] | None
+    #: The registered resources by name; empty when the look-up is customised (an
+    #: overridden ``get_resource``): see ``resource_registration``.
+    resource_registrations: dict[str, Registration]
+
+    def context_middleware_for(self, ctx: Any) -> list[Registration]: ...
+
+    def resource_registration(self, name: str) -> Registration:
+        """The resource ``name``; raises ``UnknownResourceError`` when there is none."""
+        ...
+
+
+class _Creating:
+    """The value of a resource in ``resources`` while its setup runs (cycle detection)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<resource being set up>"
+
+
+CREATING: Any = _Creating()
+
+#: A context's first state, as a module constant: on CPython 3.11 reading a member
+#: through its Enum class runs Python code (``EnumType.__getattr__``), about the cost
+#: of a function call, once per context (benchmarks/README.md).
+_CREATED = State.CREATED
+
+#: The lifecycle of the context active in this thread or task.
+_active: ContextVar[LifecycleCore | None] = ContextVar("polydatum_active_context", default=None)
+#: The lifecycle of the context active in this thread or task, or ``None``.
+active_lifecycle = _active.get
+
+#: Contexts entered and not yet exited, in any thread or task.
+_OPEN: set[LifecycleCore] = set()
+_exit_reporters: list[Callable[[list[LifecycleCore]], None]] = []
+_exit_report_registered = False
+
+
+def open_lifecycles() -> list[LifecycleCore]:
+    """The lifecycles of the contexts entered and not yet exited, in any thread or task."""
+    return list(_OPEN)
+
+
+def add_exit_reporter(reporter: Callable[[list[LifecycleCore]], None]) -> None:
+    """Call ``reporter`` at interpreter exit with the contexts still open, if any.
+
+    Their resources are *not* torn down then: running application teardown code
+    while the interpreter shuts down is unsafe. The report is registered with
+    :mod:`atexit` when the first context is entered, so that it runs before the
+    OpenTelemetry SDK's own exit flush (atexit runs last-registered first).
+    """
+    _exit_reporters.append(reporter)
+
+
+def _report_open_contexts() -> None:
+    still_open = list(_OPEN)
+    if still_open:
+        for reporter in _exit_reporters:
+            reporter(still_open)
+
+
+def _register_exit_report() -> None:
+    global _exit_report_registered
+    _exit_report_registered = True
+    atexit.register(_report_open_contexts)
+
+
+class LifecycleCore:
+    """One context's lifecycle: its state, resources and stacks (see the module doc)."""
+
+    def __init__(self, ctx: Any, data_manager: LifecycleHost) -> None:
+        #: The context users hold (``None`` once it has exited).
+        self.ctx = ctx
+        self.data_manager = data_manager
+        self.state = _CREATED
+        #: Created resources by name (``CREATING`` while one sets up).
+        self.resources: dict[str, Any] = {}
+        self.resource_stack: list[StepRecord] = []
+        self.middleware_stack: list[StepRecord] = []
+        #: What records this context; ``None`` when nothing does.
+        self.observer: ContextObserver | None = None
+        #: Entered with ``async with``.
+        self.is_async = False
+        #: Entering yields the DAL (``dm.dal()``) rather than the context.
+        self.yields_dal = False
+        #: Whether the context class overrides one of 0.9.1's hooks.
+        self.has_hooks: bool = type(ctx)._has_hooks
+        self.commit_error: CommitError | None = None  # a resource lost the work
+        self._exit_errors: list[ExcInfo] | None = None  # made when first needed
+        self._shortcuts: list[str] | None = None  # resource names cached in ctx.__dict__
+        self._token: Token[LifecycleCore | None] | None = None
+        self._id: str | None = None
+
+    if TYPE_CHECKING:  # the drivers' (see polydatum.lifecycle.Lifecycle)
+
+        def resource(self, name: str) -> Any: ...
+
+        def _create(self, name: str) -> Any: ...
+
+    @property
+    def id(self) -> str:
+        """A random id for this context (recorded as ``polydatum.context.id``)."""
+        if self._id is None:
+            # Not a secret, only unique enough to find a request by.
+            self._id = f"{getrandbits(64):016x}"
+        return self._id
+
+    def __repr__(self) -> str:
+        return f"<lifecycle of {self.ctx!r}>" if self.ctx is not None else "<lifecycle, exited>"
+
+    @property
+    def enclosing(self) -> LifecycleCore | None:
+        """The lifecycle that was active when this one was entered (if still active)."""
+        token = self._token
+        if token is None:
+            return None
+        outer = token.old_value
+        if outer is Token.MISSING or outer is None:
+            return None
+        found: LifecycleCore = outer
+        return found
+
+    def exit_errors(self) -> list[ExcInfo]:
+        """The resource teardown errors recorded so far."""
+        errors = self._exit_errors
+        if errors is None:
+            errors = self._exit_errors = []
+        return errors
+
+    # -- resources read as attributes ------------------------------------------------
+
+    def attribute(self, name: str) -> Any:
+        """``ctx.<name>`` when ``name`` is no attribute of the context: a resource."""
+        if name.startswith("__") or name.startswith("_abc"):
+            raise AttributeError(name)
+        if self.state in RESOURCE_CREATE_STATES and name not in self.resources:
+            return self._create(name)
+        return self.reread(name)
+
+    def reread(self, name: str) -> Any:
+        """``ctx.<name>`` for a resource read before: cache it in the context's
+        ``__dict__``, so that later reads skip the descriptor (or ``__getattr__``).
+
+        Done on the second read rather than at creation: most resources of a short
+        request are read once, and each cached name is removed again at exit (after
+        which ``ctx.<name>`` must raise the state error).
+        """
+        value = self.resource(name)  # the state check
+        ctx = self.ctx
+        shortcuts = ctx.__dict__
+        if name not in shortcuts and name not in type(ctx)._class_attributes:
+            shortcuts[name] = value
+            if self._shortcuts is None:
+                self._shortcuts = [name]
+            else:
+                self._shortcuts.append(name)
+        return value
+
+    # -- beginning and ending ----------------------------------------------------------
+
+    def begin(self) -> None:
+        """Enter: the context becomes active here, its observer (if any) starts."""
+        state = self.state
+        self.state = on_enter(state) or transition(state, "enter")
+        ctx = self.ctx
+        self._token = _active.set(self)
+        _OPEN.add(self)
+        if not _exit_report_registered:
+            _register_exit_report()
+        self.observer = self.data_manager.observers.start(ctx)
+        if self.has_hooks:
+            ctx._setup_hook()
+
+    def teardown_hook(self, current: BaseException | None) -> None:
+        """0.9.1's ``_teardown_hook``, between middleware and resource teardown."""
+        try:
+            self.ctx._teardown_hook(current)
+        except Exception as error:  # recorded like a resource exit error, as in 0.9.1
+            self.record_teardown_error("_teardown_hook", error)
+
+    def record_teardown_error(self, resource: str, error: BaseException) -> None:
+        """A resource's teardown failed: suppress and record it (a CommitError ends
+        the context instead: the work is lost)."""
+        if isinstance(error, CommitError) and self.commit_error is None:
+            # Not suppressed (see end()). Its teardown span already carries it.
+            self.commit_error = error
+            return
+        self.exit_errors().append((type(error), error, error.__traceback__))
+        observer = self.observer
+        if observer is not None:
+            observer.teardown_error(resource, error)
+        else:
+            self.data_manager.observers.record_unobserved_teardown_error(self.ctx, resource, error)
+
+    def end(
+        self, exc: BaseException | None, final: BaseException | None, setup_failed: bool
+    ) -> BaseException | None:
+        """Finish the lifecycle; returns the exception the ``with`` block must raise.
+
+        A failed setup always propagates: if middleware suppressed the setup error
+        there is still no context to run the block in, so the original error stands.
+        """
+        if setup_failed and final is None:
+            final = exc
+        if final is None and self.commit_error is not None:
+            final = self.commit_error  # the work is lost: never a normal exit
+        names = self._shortcuts
+        if names:
+            shortcuts = self.ctx.__dict__
+            for name in names:
+                shortcuts.pop(name, None)
+        state = self.state
+        self.state = on_resources_done(state) or transition(state, "resources_done")
+        exit_errors = self._exit_errors
+        if exit_errors and self.data_manager.teardown_errors == "raise":
+            # An ExceptionGroup holds Exceptions only: BaseExceptions (KeyboardInterrupt)
+            # a resource raised at teardown stay recorded, as under the "record" policy.
+            grouped = [e for _, e, _ in exit_errors if isinstance(e, Exception)]
+            if grouped:
+                group = TeardownErrors(
+                    f"{len(exit_errors)} resource(s) failed to tear down", grouped
+                )
+                group.__cause__ = final
+                final = group
+        observer = self.observer
+        try:
+            if observer is not None:
+                observer.finish(final, exc if exc is not None and final is None else None)
+                self.observer = None
+        finally:
+            if self.has_hooks:
+                self.ctx._final_hook(final)
+            _OPEN.discard(self)
+            token, self._token = self._token, None
+            if token is not None:
+                try:
+                    _active.reset(token)
+                except ValueError:  # exited in another thread/task than it was entered
+                    outer = token.old_value
+                    _active.set(None if outer is Token.MISSING else outer)
+            # The context owns this object: dropping the way back breaks the cycle, so
+            # an exited context is freed by reference counting alone, without a GC pass.
+            self.ctx = None
+        return final
