@@ -33,13 +33,21 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from opentelemetry import context as otel_context
 from opentelemetry import metrics as otel_metrics
 from opentelemetry import trace
 from opentelemetry.metrics import Observation
-from opentelemetry.metrics import _internal as _metrics_internal
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+# What the per-context and per-step paths read of OpenTelemetry and structlog, cheaply:
+# attach/detach a context, a context holding a span, whether a global provider was set,
+# structlog's live configuration. polydatum.compat reads their private state for it.
+from polydatum.compat import attach as _attach
+from polydatum.compat import detach as _detach
+from polydatum.compat import global_meter_provider_set as _global_meter_provider_set
+from polydatum.compat import global_providers_unset as _global_providers_unset
+from polydatum.compat import global_tracer_provider_set as _global_tracer_provider_set
+from polydatum.compat import set_span_in_context as _in_context
+from polydatum.compat import structlog_config as _STRUCTLOG_CONFIG
 from polydatum.lifecycle import (
     PROPAGATED,
     ContextObserver,
@@ -52,6 +60,9 @@ from polydatum.lifecycle import (
 from polydatum.version import __version__
 
 if TYPE_CHECKING:
+    from contextvars import Token
+
+    from opentelemetry.context.context import Context as OtelContext
     from opentelemetry.metrics import MeterProvider
     from opentelemetry.trace import Span, TracerProvider
 
@@ -189,10 +200,6 @@ _LEVEL_CACHE: dict[tuple[Any, int], bool] = {}
 #: whose level is fixed in the class): while it is configured, a context that has no
 #: provider to record to is idle, decided without a call (Telemetry.start).
 _INFO_FILTERED_BY: Any = object()
-#: structlog's configuration object (mutated in place by ``structlog.configure``).
-_STRUCTLOG_CONFIG: Any = getattr(structlog._config, "_CONFIG", None)
-if not hasattr(_STRUCTLOG_CONFIG, "is_configured"):  # structlog's internals moved
-    _STRUCTLOG_CONFIG = None
 
 
 def _level_enabled(level: int) -> bool:
@@ -203,11 +210,9 @@ def _level_enabled(level: int) -> bool:
     (structlog's own filtering loggers fix their level in the class).
     """
     config = _STRUCTLOG_CONFIG
-    if not (config.is_configured if config is not None else structlog.is_configured()):
+    if not config.is_configured:
         return level >= logging.WARNING
-    wrapper = getattr(config, "default_wrapper_class", None)
-    if wrapper is None:
-        wrapper = structlog.get_config()["wrapper_class"]
+    wrapper = config.default_wrapper_class
     key = (wrapper, level)
     cached = _LEVEL_CACHE.get(key)
     if cached is not None:
@@ -294,8 +299,6 @@ def _base_logger() -> Any:
     configuration (or ``structlog.testing.capture_logs``) is picked up at once.
     """
     config = _STRUCTLOG_CONFIG
-    if config is None:  # structlog's internals moved: assemble every time
-        return structlog.get_logger(LOGGER_NAME).bind()
     global _BASE_LOGGER
     key = (
         config.is_configured,
@@ -320,56 +323,6 @@ def _logger(**bound: Any) -> _SafeLog:
 
 
 _INTERNAL = SpanKind.INTERNAL
-
-
-def _current_context_var() -> Any:
-    """The ``ContextVar`` behind OpenTelemetry's current context, if that is how it is kept.
-
-    ``otel_context.attach``/``detach`` are this variable's ``set``/``reset`` plus two
-    calls of indirection; on the per-step path the variable is used directly. Any
-    other runtime context (``OTEL_PYTHON_CONTEXT``) goes through the public API.
-    """
-    runtime = getattr(otel_context, "_RUNTIME_CONTEXT", None)
-    var = getattr(runtime, "_current_context", None)
-    if type(runtime).__name__ == "ContextVarsRuntimeContext" and hasattr(var, "reset"):
-        return var
-    return None
-
-
-_otel_var = _current_context_var()
-#: Make an OpenTelemetry context current; returns the token for :data:`_detach`.
-_attach: Any = _otel_var.set if _otel_var is not None else otel_context.attach
-#: Undo :data:`_attach` (strictly LIFO).
-_detach: Any = _otel_var.reset if _otel_var is not None else otel_context.detach
-
-
-def _span_context_builder() -> Any:
-    """``trace.set_span_in_context``, built without its two calls of indirection.
-
-    The OpenTelemetry context is an immutable mapping holding the current span
-    under a key private to ``opentelemetry.trace``; a new context is a copy with
-    that key replaced. If the key cannot be found, or the shortcut does not give
-    what the API gives, the API function is used.
-    """
-    from opentelemetry.context.context import Context
-
-    key = getattr(getattr(trace, "propagation", None), "_SPAN_KEY", None)
-    get_current = _otel_var.get if _otel_var is not None else otel_context.get_current
-    if not isinstance(key, str):
-        return trace.set_span_in_context
-
-    def in_context(span: Any, parent: Any = None) -> Any:
-        base = get_current() if parent is None else parent
-        return Context({**base, key: span})
-
-    probe = trace.NonRecordingSpan(trace.INVALID_SPAN_CONTEXT)
-    if trace.get_current_span(in_context(probe, Context())) is not probe:
-        return trace.set_span_in_context
-    return in_context
-
-
-#: ``trace.set_span_in_context(span, parent)``.
-_in_context: Any = _span_context_builder()
 
 
 def _end_span(span: Span) -> None:
@@ -516,16 +469,6 @@ def setup_local_sdk(
 
 
 # ---------------------------------------------------------------------- providers
-
-
-def _global_tracer_provider_set() -> bool:
-    # The API keeps the provider set by set_tracer_provider() here; None means
-    # "nothing configured", in which case every span would be a no-op.
-    return getattr(trace, "_TRACER_PROVIDER", None) is not None
-
-
-def _global_meter_provider_set() -> bool:
-    return getattr(_metrics_internal, "_METER_PROVIDER", None) is not None
 
 
 #: Meter providers that already have the ``polydatum.context.active`` observer (weakly:
@@ -754,12 +697,10 @@ class Telemetry:
             and self.meter_provider is None
             and _DEFAULT_TRACER_PROVIDER is None
             and _DEFAULT_METER_PROVIDER is None
-            and trace._TRACER_PROVIDER is None
-            and _metrics_internal._METER_PROVIDER is None
+            and _global_providers_unset()
             and (
                 (  # structlog still configured with the class known to filter INFO out
-                    (config := _STRUCTLOG_CONFIG) is not None
-                    and config.is_configured
+                    (config := _STRUCTLOG_CONFIG).is_configured
                     and config.default_wrapper_class is _INFO_FILTERED_BY
                 )
                 or not _level_enabled(logging.INFO)
@@ -878,7 +819,7 @@ class ContextTelemetry:
         self.debug = info and _level_enabled(logging.DEBUG)
         self.span: Span | None = None
         self.parent_ctx: Any = None
-        self.token: object = None
+        self.token: Token[OtelContext] | None = None
         self.middleware: dict[int, dict[str, Any]] = {}
         self.resources: list[str] = []
         self.service_calls = 0

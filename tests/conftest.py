@@ -59,17 +59,18 @@ def postgres_url() -> str:
 
 def _global_telemetry() -> dict[str, object]:
     """What decides, process-wide, whether a context records (besides structlog)."""
-    from opentelemetry import trace
-    from opentelemetry.metrics import _internal as metrics_internal
+    from opentelemetry import metrics, trace
 
     from polydatum import telemetry
 
+    # The public getters return the provider set, or else the API's proxy (one object
+    # per process), so their identity changes exactly when the global provider does.
     return {
         "polydatum enabled": telemetry._ENABLED,
         "polydatum default tracer provider": telemetry._DEFAULT_TRACER_PROVIDER,
         "polydatum default meter provider": telemetry._DEFAULT_METER_PROVIDER,
-        "global tracer provider": trace._TRACER_PROVIDER,
-        "global meter provider": metrics_internal._METER_PROVIDER,
+        "global tracer provider": trace.get_tracer_provider(),
+        "global meter provider": metrics.get_meter_provider(),
     }
 
 

@@ -8,12 +8,11 @@ component of that graph: modules that all reach each other through imports.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterable, Mapping
 from itertools import pairwise
 from pathlib import Path
-
-import subprocess
-import sys
 
 import grimp
 import pytest

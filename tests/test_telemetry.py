@@ -514,37 +514,6 @@ def test_disabled_by_environment() -> None:
     assert out.stdout.splitlines() == ["False 0", "True 1"]
 
 
-def test_otel_shortcuts_match_the_api_and_fall_back_without_their_internals(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The per-step path reads two OpenTelemetry internals; each has a public fallback."""
-    from opentelemetry import context as otel_context
-    from opentelemetry.context.context import Context
-    from opentelemetry.trace import propagation
-
-    from polydatum import telemetry
-
-    span = trace.NonRecordingSpan(trace.INVALID_SPAN_CONTEXT)
-    parent = otel_context.set_value("polydatum-test-key", 1, Context())
-    built = telemetry._in_context(span, parent)
-    assert built == trace.set_span_in_context(span, parent)
-    assert trace.get_current_span(built) is span
-    assert built["polydatum-test-key"] == 1
-    token = telemetry._attach(built)
-    assert trace.get_current_span() is span
-    telemetry._detach(token)
-    assert trace.get_current_span() is trace.INVALID_SPAN
-
-    monkeypatch.delattr(propagation, "_SPAN_KEY")
-    assert telemetry._span_context_builder() is trace.set_span_in_context
-
-    class OtherRuntime:  # an OTEL_PYTHON_CONTEXT that is not the contextvars one
-        _current_context = object()
-
-    monkeypatch.setattr(otel_context, "_RUNTIME_CONTEXT", OtherRuntime())
-    assert telemetry._current_context_var() is None
-
-
 def test_canonical_line_follows_structlog_reconfiguration() -> None:
     """The assembled ``polydatum`` logger is reused until structlog is configured anew."""
     import io

@@ -42,7 +42,10 @@ class AsyncDriver:
                 value = None
         return await self._aset_up(value)
 '''
-    assert unasync.generate(source) == unasync.HEADER + '''
+    assert (
+        unasync.generate(source)
+        == unasync.HEADER
+        + """
 class SyncDriver:
     def enter(self):
         try:
@@ -50,7 +53,8 @@ class SyncDriver:
         except StopIteration:
             value = None
         return self._set_up(value)
-'''
+"""
+    )
 
 
 def test_only_whole_words_are_renamed() -> None:
