@@ -41,7 +41,6 @@ __all__ = [
     "get_active_context",
     "lifecycle_of",
     "observer_of",
-    "yield_dal_on_enter",
 ]
 
 _EMPTY_META = Meta()
@@ -62,12 +61,6 @@ def lifecycle_of(ctx: DataAccessContext) -> Lifecycle:
 def observer_of(ctx: DataAccessContext) -> ContextObserver | None:
     """What records ``ctx`` (``None`` when nothing does, or once it has exited)."""
     return ctx._c.observer
-
-
-def yield_dal_on_enter(ctx: DataAccessContext) -> DataAccessContext:
-    """Make entering ``ctx`` give its DAL rather than itself (``dm.dal()``)."""
-    ctx._c.yields_dal = True
-    return ctx
 
 
 class _ResourceAttribute:

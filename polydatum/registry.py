@@ -22,7 +22,6 @@ from polydatum.context import (
     add_resource_attribute,
     context_class_for,
     get_active_context,
-    yield_dal_on_enter,
 )
 from polydatum.errors import (
     NoActiveContextError,
@@ -249,7 +248,9 @@ class DataManager:
         The context itself is returned; entering it yields its DAL.
         """
         cls = self._ctx_class if self.Context is self._ctx_base else self._context_class()
-        return yield_dal_on_enter(cls(self, meta=meta))
+        ctx = cls(self, meta=meta)
+        ctx._c.yields_dal = True  # entering it gives its DAL
+        return ctx
 
     def get_active_context(self) -> DataAccessContext | None:
         """The active context in this thread / task, or ``None``."""

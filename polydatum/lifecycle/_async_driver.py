@@ -211,18 +211,18 @@ class AsyncDriver(LifecycleCore):
             if is_async:  # async only
                 outcome, value = await stepping.astep(gen, cv, current)  # async only
             else:  # async only
+                outcome = YIELDED  # unless it finishes or raises
                 try:
                     if current is None:
                         value = cv.run(next, gen, FINISHED)
-                        outcome = RETURNED if value is FINISHED else YIELDED
                     else:
                         value = cv.run(gen.throw, current)
-                        outcome = YIELDED
                 except StopIteration:
-                    outcome = SUPPRESSED  # it returned from the yield the exception came to
+                    # It returned from the yield the exception was thrown into.
+                    outcome, value = SUPPRESSED, None
                 except BaseException as raised:
                     outcome, value = classify(current, raised), raised
-            if outcome is RETURNED:  # torn down cleanly
+            if value is FINISHED:  # it returned: torn down cleanly
                 if observer is not None:
                     observer.step_finished(scope, RETURNED, None, current)
                 continue

@@ -53,7 +53,7 @@ async def _step(
     try:
         value = await (agen.asend(None) if thrown is None else agen.athrow(thrown))
     except StopAsyncIteration:
-        return (RETURNED if thrown is None else SUPPRESSED), None
+        return (RETURNED, FINISHED) if thrown is None else (SUPPRESSED, None)
     except BaseException as raised:
         return classify(thrown, raised), raised
     return YIELDED, value
@@ -65,7 +65,8 @@ async def astep(
     thrown: BaseException | None,
 ) -> tuple[Outcome, Any]:
     """Advance an async generator one step (``asend(None)`` or ``athrow(thrown)``)
-    inside ``cv``: the outcome, and the value yielded or the exception raised."""
+    inside ``cv``: the outcome, and the value yielded, the exception raised, or
+    :data:`FINISHED` when it returned (as ``next(gen, FINISHED)`` gives for a sync one)."""
     result: tuple[Outcome, Any] = await RunIn(cv, _step(agen, thrown))
     return result
 
