@@ -785,6 +785,7 @@ class ContextTelemetry:
         "clock",
         "ctx",
         "debug",
+        "finished",
         "info",
         "instruments",
         "log",
@@ -827,18 +828,24 @@ class ContextTelemetry:
         self.log: Any = None
         # Step durations feed metrics and log lines only: spans time themselves.
         self.clock: Any = time.perf_counter if instruments is not None or info else float
+        self.t0 = 0.0
+        self.finished = False
+
+    def begin(self) -> None:
+        """Open the context span (a child of the current span) and make it current."""
         self.t0 = time.perf_counter()
-        # Begin: open the context span (a child of the current span), make it current.
+        tracer = self.tracer
         if tracer is not None:
+            telemetry = self.telemetry
+            ctx = self.ctx
             attrs: dict[str, Any] = {"polydatum.context.id": ctx.id}
             if telemetry.meta_attributes:
                 attrs.update(redact_meta(ctx.meta, telemetry.meta_attributes))
             try:
-                span = tracer.start_span("polydatum.context", None, _INTERNAL, attrs)
+                self.span = span = tracer.start_span("polydatum.context", None, _INTERNAL, attrs)
             except Exception as error:
                 _report_loss("starting a span (a span processor's on_start?)", error)
             else:
-                self.span = span
                 self.parent_ctx = _in_context(span)
                 self.token = _attach(self.parent_ctx)
         if self.debug:
@@ -872,24 +879,35 @@ class ContextTelemetry:
         return self.log
 
     def finish(self, error: BaseException | None, suppressed: BaseException | None) -> None:
-        """Close the context span, record its duration and emit the canonical log line."""
+        """Close the context span, record its duration and emit the canonical log line.
+
+        Once only: after an interruption the lifecycle calls it again, and the span is
+        ended and the caller's context restored even if this is interrupted itself.
+        """
+        if self.finished:
+            return
+        self.finished = True
         duration = time.perf_counter() - self.t0
         span = self.span
-        if span is not None:
-            if self.teardown_errors:
-                span.set_attribute("polydatum.teardown_errors", len(self.teardown_errors))
-            if error is not None:
-                _fail(span, error)
-            elif suppressed is not None:
-                span.set_attribute("polydatum.suppressed_error.type", error_type(suppressed))
-            try:
-                span.end()
-            except Exception as failure:
-                _report_loss("ending a span (a span processor's on_end?)", failure)
-            if self.token is not None:
-                with contextlib.suppress(Exception):  # entered in another thread/task
-                    _detach(self.token)
-                self.token = None
+        try:
+            if span is not None:
+                if self.teardown_errors:
+                    span.set_attribute("polydatum.teardown_errors", len(self.teardown_errors))
+                if error is not None:
+                    _fail(span, error)
+                elif suppressed is not None:
+                    span.set_attribute("polydatum.suppressed_error.type", error_type(suppressed))
+        finally:
+            if span is not None:
+                try:
+                    span.end()
+                except Exception as failure:
+                    _report_loss("ending a span (a span processor's on_end?)", failure)
+                finally:
+                    token, self.token = self.token, None
+                    if token is not None:
+                        with contextlib.suppress(Exception):  # entered in another thread/task
+                            _detach(token)
         instruments = self.instruments
         if instruments is not None:
             # In the context span's own context: an exemplar points at that span.

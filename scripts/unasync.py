@@ -34,6 +34,9 @@ WORDS = {
     "_acreate": "_create",
     "_aset_up": "_set_up",
     "_ateardown": "_teardown",
+    "_afail_setup": "_fail_setup",
+    "_aclose": "_close",
+    "_aabort": "_abort",
 }
 PHRASES = {
     "AWAITS = True": "AWAITS = False",

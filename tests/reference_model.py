@@ -28,11 +28,15 @@ The semantics, restated as the model applies them:
    as it stands after middleware teardown. A resource whose setup failed is not torn
    down. What a resource raises while tearing down (or a second yield, a
    ``RuntimeError``) is suppressed and recorded; the exception thrown in and re-raised
-   unchanged is not an error of the resource.
+   unchanged is not an error of the resource. A ``BaseException`` that is no
+   ``Exception`` (KeyboardInterrupt, a cancellation) a resource raises is recorded
+   too, and then raised at exit -- the first one -- unless the block already ends
+   with such an exception: an interrupt is never swallowed.
 5. Under ``teardown_errors="raise"`` the recorded errors that are ``Exception``s are
    raised at exit as a ``TeardownErrors`` group whose ``__cause__`` is the error the
-   block would otherwise have raised. (An exception group cannot hold a
-   ``BaseException`` such as ``KeyboardInterrupt``; those stay recorded only.)
+   block would otherwise have raised -- unless that is a ``BaseException`` that is no
+   ``Exception``: it is raised as itself (the group attached to it), so that
+   ``except Exception`` never catches an interrupt and a cancelled task ends cancelled.
 6. Spans: every middleware/resource step is a span; setup spans of middleware and
    teardown spans hang under the context span, a resource setup span under whatever
    step was running when the resource was created. A step is ERROR only when it
@@ -296,8 +300,12 @@ class _Model:
         return exc
 
     def finish(self, final: Err | None, suppressed: Err | None) -> None:
+        interrupts = [e for _, e in self.out.recorded if not e.is_exception]
+        if interrupts and (final is None or final.is_exception):
+            final = interrupts[0]  # rule 4: an interrupt is never swallowed
+            suppressed = None
         grouped = tuple(e for _, e in self.out.recorded if e.is_exception)
-        if self.s.policy == "raise" and grouped:
+        if self.s.policy == "raise" and grouped and (final is None or final.is_exception):
             final = Err(
                 type_name="polydatum.errors.TeardownErrors",
                 message=f"{len(self.out.recorded)} resource(s) failed to tear down",

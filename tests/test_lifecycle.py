@@ -35,6 +35,12 @@ def test_transition_table_is_the_documented_one() -> None:
         ("active", "exit"): "tearing_down_middleware",
         ("tearing_down_middleware", "middleware_done"): "tearing_down_resources",
         ("tearing_down_resources", "resources_done"): "exited",
+        # An interrupted lifecycle (KeyboardInterrupt between two steps) ends at once.
+        ("created", "abort"): "exited",
+        ("setting_up", "abort"): "exited",
+        ("active", "abort"): "exited",
+        ("tearing_down_middleware", "abort"): "exited",
+        ("tearing_down_resources", "abort"): "exited",
     }
     assert {s.value for s in RESOURCE_CREATE_STATES} == {
         "setting_up",

@@ -9,6 +9,14 @@ Edit this file, then run ``python scripts/unasync.py``.
 
 Contexts that record and contexts that do not run the same code: ``observer`` is
 ``None`` when nothing records, and every observer call is behind that check.
+
+The bookkeeping always completes, whatever is raised where (a KeyboardInterrupt can
+arrive between any two steps, a task can be cancelled at any ``await``): each entry
+point checks its transition before it changes anything, then runs in a ``try``
+whose handler (``_aabort``) closes every generator still on a stack and ends the
+lifecycle (``force_end``). A generator is pushed on its stack in the same ``try``
+that steps it, and popped only after its teardown step: at every instant it is on
+a stack, finished, or being closed.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from polydatum.lifecycle.rules import (
 from polydatum.lifecycle.states import (
     RESOURCE_CREATE_STATES,
     RESOURCE_USE_STATES,
+    on_enter,
     on_exit,
     on_middleware_done,
     on_setup_done,
@@ -58,10 +67,12 @@ class AsyncDriver(LifecycleCore):
 
     async def aenter(self) -> Any:
         """Enter: set the context middleware up in registration order."""
-        self.is_async = True  # async only
-        self.begin()
-        ctx = self.ctx
+        state = self.state
+        entered = on_enter(state) or transition(state, "enter")  # a misuse changes nothing
         try:
+            self.is_async = True  # async only
+            self.begin(entered)
+            ctx = self.ctx
             dm = self.data_manager
             chain = dm.context_middleware
             if chain is None:  # get_middleware() is overridden: asked for each context
@@ -69,18 +80,30 @@ class AsyncDriver(LifecycleCore):
             stack = self.middleware_stack
             for registration in chain:
                 await self._aset_up(registration, stack)
-        except BaseException as error:
+            handed_out = ctx.dal if self.yields_dal else ctx
             state = self.state
-            self.state = on_setup_failed(state) or transition(state, "setup_failed")
-            final = await self._ateardown(error, True)
+            self.state = on_setup_done(state) or transition(state, "setup_done")
+        except BaseException as error:
+            final = await self._afail_setup(error)
             if final is None or final is error:
                 raise
             if isinstance(final, TeardownErrors):
                 raise final from final.__cause__  # the error the setup ended with
             raise final from error  # a middleware replaced the setup error
-        state = self.state
-        self.state = on_setup_done(state) or transition(state, "setup_done")
-        return ctx.dal if self.yields_dal else ctx
+        return handed_out
+
+    async def _afail_setup(self, error: BaseException) -> BaseException | None:
+        """Tear down what a failed setup left; returns what the ``with`` raises."""
+        try:
+            failed = on_setup_failed(self.state)
+            if failed is None:  # interrupted before setting up began, or after it ended
+                await self._aabort(error, None)
+                return error
+            self.state = failed
+            return await self._ateardown(error, True)
+        except BaseException as interrupted:
+            await self._aabort(interrupted, error)
+            raise
 
     async def aexit(
         self,
@@ -90,10 +113,15 @@ class AsyncDriver(LifecycleCore):
     ) -> bool:
         """Exit: tear down; ``True`` when middleware suppressed the block's exception."""
         state = self.state
-        self.state = on_exit(state) or transition(state, "exit")
-        if exc_type is not None and exc is None:
-            exc = exc_type()
-        final = await self._ateardown(exc, False)
+        exiting = on_exit(state) or transition(state, "exit")  # a misuse changes nothing
+        try:
+            self.state = exiting
+            if exc_type is not None and exc is None:
+                exc = exc_type()
+            final = await self._ateardown(exc, False)
+        except BaseException as interrupted:
+            await self._aabort(interrupted, exc)
+            raise
         if final is None:
             return exc is not None  # suppressed by middleware: the block completes
         if final is exc:
@@ -123,60 +151,65 @@ class AsyncDriver(LifecycleCore):
         if registration is None:  # a customised look-up, or no such resource
             registration = dm.resource_registration(name)
         resources = self.resources
-        resources[name] = CREATING  # asking for it during its own setup is a cycle
         try:
+            resources[name] = CREATING  # asking for it during its own setup is a cycle
             value = await self._aset_up(registration, self.resource_stack)
+            resources[name] = value
         except BaseException:
-            del resources[name]
+            if resources.get(name) is CREATING:
+                del resources[name]
             raise
-        resources[name] = value
         return value
 
     async def _aset_up(self, registration: Registration, stack: list[StepRecord]) -> Any:
         """Call a middleware or resource and run it to its ``yield``: push it on
-        ``stack`` and return what it yielded, or raise what went wrong."""
+        ``stack`` and return what it yielded, or raise what went wrong (a generator
+        that did not get on the stack is closed)."""
         observer = self.observer
         position = len(stack)
+        scope: Any = None
         if observer is not None:
             scope = observer.step_started(
                 registration.kind, "setup", registration.name, position, registration.attributes
             )
-        call = registration.source
-        try:
-            gen = call(self.ctx)
-        except BaseException as error:
-            if observer is not None:
-                observer.step_finished(scope, RAISED, error, None)
-            raise
+        gen: Any = None
         is_async = False
-        if type(gen) is not GeneratorType:
-            problem = setup_problem(registration, gen, AWAITS)
-            if problem is not None:
-                if observer is not None:
-                    observer.step_finished(scope, RAISED, problem, None)
-                raise problem
-            is_async = True
-        cv = copy_context()
-        if observer is not None:
-            cv.run(scope.enter)  # the step's span is current for the generator's code
-        if is_async:  # async only
-            outcome, value = await stepping.astep(gen, cv, None)  # async only
-        else:  # async only
-            try:
-                value = cv.run(next, gen, FINISHED)
-            except BaseException as raised:
-                outcome, value = RAISED, raised
+        outcome = RAISED
+        try:
+            made = registration.source(self.ctx)
+            if type(made) is not GeneratorType:
+                problem = setup_problem(registration, made, AWAITS)
+                if problem is not None:
+                    raise problem
+                is_async = True
+            cv = copy_context()
+            gen = made  # from here on, closed unless it gets on the stack
+            if scope is not None:
+                cv.run(scope.enter)  # the step's span is current for the generator's code
+            if is_async:  # async only
+                outcome, value = await stepping.astep(gen, cv, None)  # async only
+            else:  # async only
+                try:
+                    value = cv.run(next, gen, FINISHED)
+                except BaseException as raised:
+                    outcome, value = RAISED, raised
+                else:
+                    outcome = RETURNED if value is FINISHED else YIELDED
+            if outcome is YIELDED:
+                stack.append((registration, position, gen, is_async, cv))
             else:
-                outcome = RETURNED if value is FINISHED else YIELDED
-        if outcome is YIELDED:
-            stack.append((registration, position, gen, is_async, cv))
-            if observer is not None:
-                observer.step_finished(scope, YIELDED, None, None)
-            return value
-        failure = value if outcome is RAISED else did_not_yield(registration)
-        if observer is not None:
-            observer.step_finished(scope, outcome, failure, None)
-        raise failure
+                raise value if outcome is RAISED else did_not_yield(registration)
+        except BaseException as failure:
+            if gen is not None and not (stack and stack[-1][2] is gen):
+                cleanup = await self._aclose(gen, is_async, cv)
+                if cleanup is not None:
+                    self.keep_cleanup_error(registration, cleanup, failure)
+            if scope is not None:
+                observer.step_finished(scope, outcome, failure, None)  # type: ignore[union-attr]
+            raise
+        if scope is not None:
+            observer.step_finished(scope, YIELDED, None, None)  # type: ignore[union-attr]
+        return value
 
     async def _ateardown(
         self, exc: BaseException | None, setup_failed: bool
@@ -185,6 +218,7 @@ class AsyncDriver(LifecycleCore):
         then resources most recently created first; returns what the block ends with."""
         observer = self.observer
         current = exc
+        interrupt: BaseException | None = None  # a resource's KeyboardInterrupt, ...
         stack = self.middleware_stack
         tearing_down_middleware = True
         while True:
@@ -198,7 +232,8 @@ class AsyncDriver(LifecycleCore):
                     self.teardown_hook(current)
                 stack = self.resource_stack
                 continue
-            registration, position, gen, is_async, cv = stack.pop()
+            # Read, step, then pop: interrupted in between, it is still there to close.
+            registration, position, gen, is_async, cv = stack[-1]
             if observer is not None:
                 scope = observer.step_started(
                     registration.kind,
@@ -212,36 +247,79 @@ class AsyncDriver(LifecycleCore):
                 outcome, value = await stepping.astep(gen, cv, current)  # async only
             else:  # async only
                 outcome = YIELDED  # unless it finishes or raises
-                try:
-                    if current is None:
+                if current is None:
+                    try:
                         value = cv.run(next, gen, FINISHED)
-                    else:
+                    except BaseException as raised:
+                        outcome, value = RAISED, raised
+                else:
+                    try:
                         value = cv.run(gen.throw, current)
-                except StopIteration:
-                    # It returned from the yield the exception was thrown into.
-                    outcome, value = SUPPRESSED, None
-                except BaseException as raised:
-                    outcome, value = classify(current, raised), raised
+                    except StopIteration:
+                        # It returned from the yield the exception was thrown into.
+                        outcome, value = SUPPRESSED, None
+                    except BaseException as raised:
+                        outcome, value = classify(current, raised), raised
             if value is FINISHED:  # it returned: torn down cleanly
+                stack.pop()
                 if observer is not None:
                     observer.step_finished(scope, RETURNED, None, current)
                 continue
+            # Not a clean teardown: closed (a no-op for a generator that finished),
+            # and an error closing it raises is kept.
+            cleanup = await self._aclose(gen, is_async, cv)
             error: BaseException | None = None
             if outcome is YIELDED:
                 error = twice_yielded(registration)
-                try:
-                    if is_async:  # async only
-                        await stepping.aclose(gen, cv)  # async only
-                    else:  # async only
-                        cv.run(gen.close)
-                except BaseException:  # the second yield is what is reported
-                    pass
+                if cleanup is not None:
+                    error.__cause__ = cleanup  # what closing it raised: in the chain
             elif outcome is not SUPPRESSED:
                 error = value
+            if (
+                cleanup is not None
+                and error is not None
+                and outcome is not YIELDED
+                and tearing_down_middleware
+            ):
+                # Still suspended although it raised (an interrupt between its step and
+                # polydatum's next instruction): a note on what travels on (a resource's
+                # is recorded below).
+                self.keep_cleanup_error(registration, cleanup, error)
+            stack.pop()
             if observer is not None:
                 observer.step_finished(scope, outcome, error, current)
             if tearing_down_middleware:
                 current = after_middleware_teardown(current, outcome, error)
             elif is_teardown_error(outcome, error):
                 self.record_teardown_error(registration.name, error)  # type: ignore[arg-type]
-        return self.end(exc, current, setup_failed)
+                if cleanup is not None:
+                    self.record_teardown_error(registration.name, cleanup)
+                if not isinstance(error, Exception) and interrupt is None:
+                    interrupt = error  # recorded, and raised once teardown is done
+        return self.end(exc, current, setup_failed, interrupt)
+
+    async def _aclose(self, gen: Any, is_async: bool, cv: Any) -> BaseException | None:
+        """Close a generator polydatum is done with; returns what closing it raised."""
+        try:
+            if is_async:  # async only
+                await stepping.aclose(gen, cv)  # async only
+            else:  # async only
+                cv.run(gen.close)
+        except BaseException as raised:
+            return raised
+        return None
+
+    async def _aabort(self, interrupted: BaseException, exc: BaseException | None) -> None:
+        """The bookkeeping was interrupted (``interrupted`` propagates): close every
+        generator still on a stack, middleware innermost first, then resources most
+        recently created first, and end the lifecycle whatever state it reached."""
+        if exc is not None and exc is not interrupted and interrupted.__context__ is None:
+            interrupted.__context__ = exc  # what the block ended with is not lost
+        for stack in (self.middleware_stack, self.resource_stack):
+            while stack:
+                registration, _, gen, is_async, cv = stack[-1]
+                cleanup = await self._aclose(gen, is_async, cv)
+                stack.pop()
+                if cleanup is not None:
+                    self.keep_cleanup_error(registration, cleanup, interrupted)
+        self.force_end(interrupted)

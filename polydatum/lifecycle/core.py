@@ -28,7 +28,7 @@ from polydatum.lifecycle.records import Registration, StepRecord
 from polydatum.lifecycle.states import (
     RESOURCE_CREATE_STATES,
     State,
-    on_enter,
+    on_abort,
     on_resources_done,
     transition,
 )
@@ -82,6 +82,7 @@ CREATING: Any = _Creating()
 #: through its Enum class runs Python code (``EnumType.__getattr__``), about the cost
 #: of a function call, once per context (benchmarks/README.md).
 _CREATED = State.CREATED
+_EXITED = State.EXITED
 
 #: The lifecycle of the context active in this thread or task.
 _active: ContextVar[LifecycleCore | None] = ContextVar("polydatum_active_context", default=None)
@@ -216,16 +217,24 @@ class LifecycleCore:
 
     # -- beginning and ending ----------------------------------------------------------
 
-    def begin(self) -> None:
-        """Enter: the context becomes active here, its observer (if any) starts."""
-        state = self.state
-        self.state = on_enter(state) or transition(state, "enter")
+    def begin(self, entered: State) -> None:
+        """Enter: the context becomes active here, its observer (if any) starts.
+
+        ``entered`` is the state after ``enter``, looked up by the driver before it
+        changed anything (a misuse raises there, with nothing to undo).
+        """
+        self.state = entered
         ctx = self.ctx
-        self._token = _active.set(self)
         _OPEN.add(self)
+        self._token = _active.set(self)
         if not _exit_report_registered:
             _register_exit_report()
-        self.observer = self.data_manager.observers.start(ctx)
+        # Made, then kept, then started: an interruption between two of these steps
+        # loses nothing that force_end() could not finish.
+        observer = self.data_manager.observers.start(ctx)
+        self.observer = observer
+        if observer is not None:
+            observer.begin()
         if self.has_hooks:
             ctx._setup_hook()
 
@@ -250,20 +259,46 @@ class LifecycleCore:
         else:
             self.data_manager.observers.record_unobserved_teardown_error(self.ctx, resource, error)
 
+    def keep_cleanup_error(
+        self, registration: Registration, cleanup: BaseException, raising: BaseException
+    ) -> None:
+        """An error closing a generator raised while ``raising`` propagates: recorded
+        for a resource (a teardown error), a note on ``raising`` for a middleware."""
+        if registration.kind == "resource":
+            self.record_teardown_error(registration.name, cleanup)
+        else:
+            raising.add_note(
+                f"polydatum: closing middleware {registration.name!r} raised "
+                f"{type(cleanup).__name__} (kept as this exception's __context__ chain)"
+            )
+            if raising.__context__ is None and cleanup is not raising:
+                raising.__context__ = cleanup
+
     def end(
-        self, exc: BaseException | None, final: BaseException | None, setup_failed: bool
+        self,
+        exc: BaseException | None,
+        final: BaseException | None,
+        setup_failed: bool,
+        interrupt: BaseException | None = None,
     ) -> BaseException | None:
         """Finish the lifecycle; returns the exception the ``with`` block must raise.
 
         A failed setup always propagates: if middleware suppressed the setup error
         there is still no context to run the block in, so the original error stands.
+        ``interrupt`` is a :class:`BaseException` that is no :class:`Exception`
+        (KeyboardInterrupt, SystemExit, a cancellation) that a resource raised while
+        tearing down: recorded like any teardown error, and then raised, unless the
+        block already ends with such an exception -- an interrupt is never swallowed.
         """
         if setup_failed and final is None:
             final = exc
         if final is None and self.commit_error is not None:
             final = self.commit_error  # the work is lost: never a normal exit
+        if interrupt is not None and (final is None or isinstance(final, Exception)):
+            final = interrupt
         names = self._shortcuts
         if names:
+            self._shortcuts = None
             shortcuts = self.ctx.__dict__
             for name in names:
                 shortcuts.pop(name, None)
@@ -271,23 +306,50 @@ class LifecycleCore:
         self.state = on_resources_done(state) or transition(state, "resources_done")
         exit_errors = self._exit_errors
         if exit_errors and self.data_manager.teardown_errors == "raise":
-            # An ExceptionGroup holds Exceptions only: BaseExceptions (KeyboardInterrupt)
-            # a resource raised at teardown stay recorded, as under the "record" policy.
-            grouped = [e for _, e, _ in exit_errors if isinstance(e, Exception)]
-            if grouped:
-                group = TeardownErrors(
-                    f"{len(exit_errors)} resource(s) failed to tear down", grouped
-                )
-                group.__cause__ = final
-                final = group
+            final = raise_teardown_errors(final, exit_errors)
         observer = self.observer
         try:
             if observer is not None:
                 observer.finish(final, exc if exc is not None and final is None else None)
+                self.observer = None  # kept until then: force_end() finishes it otherwise
+        finally:
+            self._leave(final)
+        return final
+
+    def force_end(self, error: BaseException) -> None:
+        """End a lifecycle whose own bookkeeping was interrupted (a KeyboardInterrupt
+        or a cancellation between two steps), whatever state it reached.
+
+        The driver has closed the generators left on the stacks; this ends what
+        :meth:`end` would have ended -- the observer, the 0.9.1 final hook, the open
+        set, the active context -- each part at most once however far :meth:`end`
+        got before the interruption.
+        """
+        state = self.state
+        if state is not _EXITED:
+            self.state = on_abort(state) or transition(state, "abort")
+        names, self._shortcuts = self._shortcuts, None
+        ctx = self.ctx
+        if names and ctx is not None:
+            for name in names:
+                ctx.__dict__.pop(name, None)
+        observer = self.observer
+        try:
+            if observer is not None:
+                observer.finish(error, None)  # finishes once: a second call does nothing
                 self.observer = None
         finally:
-            if self.has_hooks:
-                self.ctx._final_hook(final)
+            self._leave(error)
+
+    def _leave(self, final: BaseException | None) -> None:
+        """The last part of ending: the final hook, out of the open set and no longer
+        the active context (each done once: :meth:`force_end` may follow :meth:`end`)."""
+        ctx = self.ctx
+        try:
+            if ctx is not None and self.has_hooks:
+                self.has_hooks = False
+                ctx._final_hook(final)
+        finally:
             _OPEN.discard(self)
             token, self._token = self._token, None
             if token is not None:
@@ -299,4 +361,28 @@ class LifecycleCore:
             # The context owns this object: dropping the way back breaks the cycle, so
             # an exited context is freed by reference counting alone, without a GC pass.
             self.ctx = None
+
+
+def raise_teardown_errors(final: BaseException | None, exit_errors: list[ExcInfo]) -> BaseException:
+    """What a context ends with under ``teardown_errors="raise"``.
+
+    The recorded errors that are :class:`Exception` become one :class:`TeardownErrors`
+    whose ``__cause__`` is what the block ended with. A block that ends with a
+    :class:`BaseException` that is no :class:`Exception` (KeyboardInterrupt,
+    SystemExit, a cancellation, which ``asyncio.timeout`` turns into TimeoutError)
+    keeps it, so that ``except Exception`` does not catch an interrupt and a cancelled
+    task ends cancelled: the group is attached to it as ``polydatum_teardown_errors``
+    and named in a note.
+    """
+    grouped = [e for _, e, _ in exit_errors if isinstance(e, Exception)]
+    if not grouped:
+        return final  # type: ignore[return-value]  # only interrupts: raised as they are
+    group = TeardownErrors(f"{len(exit_errors)} resource(s) failed to tear down", grouped)
+    if final is not None and not isinstance(final, Exception):
+        final.polydatum_teardown_errors = group  # type: ignore[attr-defined]
+        final.add_note(
+            f"polydatum: {group} while this propagated; see its polydatum_teardown_errors"
+        )
         return final
+    group.__cause__ = final
+    return group

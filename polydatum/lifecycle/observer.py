@@ -42,6 +42,11 @@ class ObservedContext(Protocol):
 class ContextObserver(Protocol):
     """The events of one context's lifecycle, in the order they happen."""
 
+    def begin(self) -> None:
+        """The context is entered: start recording (the observer was made with no
+        effect outside itself, so that losing it to an interruption loses nothing)."""
+        ...
+
     def step_started(
         self,
         kind: str,
@@ -76,7 +81,10 @@ class ContextObserver(Protocol):
         ...
 
     def finish(self, error: BaseException | None, suppressed: BaseException | None) -> None:
-        """The context ended with ``error`` (``suppressed``: what middleware swallowed)."""
+        """The context ended with ``error`` (``suppressed``: what middleware swallowed).
+
+        Called again after an interruption; only the first call records, and what it
+        made current it undoes even when interrupted itself."""
         ...
 
     def abandon(self) -> None:

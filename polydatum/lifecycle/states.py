@@ -9,6 +9,7 @@ state                         event                next state
 ``active``                    ``exit``             ``tearing_down_middleware``
 ``tearing_down_middleware``   ``middleware_done``  ``tearing_down_resources``
 ``tearing_down_resources``    ``resources_done``   ``exited``
+any other but ``exited``      ``abort``            ``exited``
 ============================  ===================  ===========================
 
 The table is :data:`TRANSITIONS`. Every state change of a context is looked up in
@@ -29,6 +30,7 @@ import enum
 from polydatum.errors import ContextStateError
 
 __all__ = [
+    "ON_ABORT",
     "ON_ENTER",
     "ON_EXIT",
     "ON_MIDDLEWARE_DONE",
@@ -39,6 +41,7 @@ __all__ = [
     "RESOURCE_USE_STATES",
     "TRANSITIONS",
     "State",
+    "on_abort",
     "on_enter",
     "on_exit",
     "on_middleware_done",
@@ -74,6 +77,13 @@ TRANSITIONS: dict[tuple[State, str], State] = {
     (State.ACTIVE, "exit"): State.TEARING_DOWN_MIDDLEWARE,
     (State.TEARING_DOWN_MIDDLEWARE, "middleware_done"): State.TEARING_DOWN_RESOURCES,
     (State.TEARING_DOWN_RESOURCES, "resources_done"): State.EXITED,
+    # The lifecycle's own bookkeeping was interrupted (a KeyboardInterrupt or a
+    # cancellation between two steps): what is left is closed, and the context ends.
+    (State.CREATED, "abort"): State.EXITED,
+    (State.SETTING_UP, "abort"): State.EXITED,
+    (State.ACTIVE, "abort"): State.EXITED,
+    (State.TEARING_DOWN_MIDDLEWARE, "abort"): State.EXITED,
+    (State.TEARING_DOWN_RESOURCES, "abort"): State.EXITED,
 }
 
 #: States in which a resource not yet created may be set up on first access.
@@ -104,6 +114,7 @@ ON_SETUP_FAILED = _on("setup_failed")
 ON_EXIT = _on("exit")
 ON_MIDDLEWARE_DONE = _on("middleware_done")
 ON_RESOURCES_DONE = _on("resources_done")
+ON_ABORT = _on("abort")
 
 # ``on_exit(state)``: the state after ``exit`` from ``state``, or ``None`` when the
 # table forbids it (then :func:`transition` raises the error). The views' look-ups
@@ -116,6 +127,7 @@ on_setup_failed = ON_SETUP_FAILED.get
 on_exit = ON_EXIT.get
 on_middleware_done = ON_MIDDLEWARE_DONE.get
 on_resources_done = ON_RESOURCES_DONE.get
+on_abort = ON_ABORT.get
 
 
 def transition(state: State, event: str) -> State:
@@ -125,7 +137,8 @@ def transition(state: State, event: str) -> State:
         return target
     advice = _ADVICE.get((state, event))
     if advice is None:
-        allowed = sorted(e for (s, e) in TRANSITIONS if s is state) or ["none"]
+        # "abort" is the lifecycle's own way out, never advice.
+        allowed = sorted(e for (s, e) in TRANSITIONS if s is state and e != "abort") or ["none"]
         advice = f"events allowed in this state: {', '.join(allowed)}"
     raise ContextStateError(
         f"Cannot {event.replace('_', ' ')} a context in state '{state.value}': {advice}."
