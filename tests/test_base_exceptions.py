@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from polydatum import DataManager, Service
+from polydatum import DataManager
 from polydatum.context import DataAccessContext
 from polydatum.errors import TeardownErrors
 from polydatum.lifecycle import State, open_lifecycles
@@ -266,8 +266,7 @@ def test_a_twice_yielding_middleware_whose_cleanup_raises_has_it_in_the_chain() 
     with pytest.raises(RuntimeError) as caught, dm.context() as ctx:
         pass
     assert str(caught.value) == (
-        "Middleware 'twice' yielded more than once; a middleware generator must yield exactly "
-        "once."
+        "Middleware 'twice' yielded more than once; a middleware generator must yield exactly once."
     )
     assert log == ["cleanup"]
     cleanup_error = caught.value.__cause__
