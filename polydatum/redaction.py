@@ -222,7 +222,8 @@ def _ascii_fold(name: str) -> str:
     """NFKD, look-alikes mapped, combining marks and format characters dropped, and
     what is still not ASCII case-folded (``ß`` to ``ss``): ASCII letters keep their case
     (it splits ``pinCode`` into words)."""
-    name = unicodedata.normalize("NFKD", name).translate(_CONFUSABLES)
+    # Before NFKD too: it turns some look-alikes into others (lunate sigma into sigma).
+    name = unicodedata.normalize("NFKD", name.translate(_CONFUSABLES)).translate(_CONFUSABLES)
     kept = []
     for char in name:
         if char.isascii():
@@ -368,6 +369,7 @@ _OPAQUE = (
     types.CoroutineType,
     BaseException,
 )
+_NOT_FIELDS = frozenset({"__dict__", "__weakref__"})
 _get_type_dict: Callable[[type], Mapping[str, Any]] = type.__dict__["__dict__"].__get__
 
 
@@ -396,7 +398,8 @@ def _fields(value: object) -> Iterator[tuple[str, Any]] | None:
         found.extend(dict.items(own))
     for klass in type(value).__mro__:
         for name, member in _get_type_dict(klass).items():
-            if type(member) is types.MemberDescriptorType:
+            # (a C type's __dict__ can be a member too: SimpleNamespace's)
+            if type(member) is types.MemberDescriptorType and name not in _NOT_FIELDS:
                 with contextlib.suppress(AttributeError):  # an empty slot
                     found.append((name, member.__get__(value, klass)))
     return iter(found) if found else None
