@@ -21,10 +21,8 @@ canonical line appear once the application configures structlog (see
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import re
 import threading
 import time
 import weakref
@@ -66,7 +64,6 @@ if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
     from opentelemetry.trace import Span, TracerProvider
 
-    from polydatum.meta import Meta
 
 __all__ = [
     "DURATION_BUCKETS",
@@ -144,53 +141,11 @@ def error_type(error: BaseException) -> str:
 
 # --------------------------------------------------------------------------- meta
 
-REDACTED = "[REDACTED]"
-_SECRET_WORDS = (
-    "password", "passwd", "pwd", "token", "secret", "authorization", "auth",
-    "cookie", "apikey", "session", "credential", "privatekey", "signature",
-)  # fmt: skip
-_NON_ALNUM = re.compile(r"[^a-z0-9]")
-
-
-def is_secret_key(key: object) -> bool:
-    """True when a key looks like it holds a secret (any spelling: ``API-Key``, ``x_auth``)."""
-    folded = _NON_ALNUM.sub("", str(key).lower())
-    return any(word in folded for word in _SECRET_WORDS) or folded == "key"
-
-
-def _redact_value(value: Any, depth: int = 0) -> Any:
-    if depth > 8:
-        return REDACTED
-    if isinstance(value, Mapping):
-        return {
-            str(k): REDACTED if is_secret_key(k) else _redact_value(v, depth + 1)
-            for k, v in value.items()
-        }
-    if isinstance(value, list | tuple | set | frozenset):
-        return [_redact_value(v, depth + 1) for v in value]
-    return value
-
-
-def _attribute_value(value: Any) -> str | bool | int | float:
-    if isinstance(value, str | bool | int | float):
-        return value
-    return json.dumps(_redact_value(value), default=repr, sort_keys=True)
-
-
-def redact_meta(meta: Meta | Mapping[str, Any], allow: Iterable[str]) -> dict[str, Any]:
-    """The meta values that may be recorded: allow-listed keys only, secrets always redacted.
-
-    Returned keys are ``polydatum.meta.<key>``; values are span-attribute-safe
-    (primitives, or JSON with nested secret-looking keys redacted).
-    """
-    out: dict[str, Any] = {}
-    for key in allow:
-        value = meta.get(key)
-        if value is None:
-            continue
-        out[f"polydatum.meta.{key}"] = REDACTED if is_secret_key(key) else _attribute_value(value)
-    return out
-
+# What of Meta is recorded (allow-listed keys, secrets redacted) is polydatum.redaction's
+# business; these names stay importable from here.
+from polydatum.redaction import REDACTED as REDACTED  # noqa: E402
+from polydatum.redaction import is_secret_key as is_secret_key  # noqa: E402
+from polydatum.redaction import redact_meta  # noqa: E402
 
 # ------------------------------------------------------------------------ logging
 
