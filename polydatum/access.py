@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from polydatum.context import lifecycle_of
 from polydatum.errors import (
+    MAX_DAL_PATH_LENGTH,
+    MAX_DAL_PATH_SEGMENTS,
     AlreadyExistsException,
     ContextStateError,
     DalMethodError,
@@ -363,6 +365,12 @@ class DataAccessLayer:
         is ignored. Resolution (and any DalMethodError) happens when it is called."""
         if not isinstance(path, str):
             raise DalMethodError((PathSegment(repr(path)),), "a DAL path is a dotted string")
+        if len(path) > MAX_DAL_PATH_LENGTH or path.count(".") >= MAX_DAL_PATH_SEGMENTS + 1:
+            raise DalMethodError(
+                (PathSegment(path),),
+                f"a DAL path is at most {MAX_DAL_PATH_LENGTH} characters and "
+                f"{MAX_DAL_PATH_SEGMENTS} segments; this one has {len(path)} characters",
+            )
         names = path.split(".")
         if names and names[0] == "dal":
             names = names[1:]

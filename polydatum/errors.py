@@ -161,6 +161,15 @@ class NoActiveContextError(PolydatumException, RuntimeError, AssertionError):
     """
 
 
+#: The longest DAL path accepted, in characters and in segments (``dal["a.b.c"]`` has
+#: three): longer ones are refused before any look-up, and error messages show only an
+#: excerpt of them. Real paths are a few segments of identifiers.
+MAX_DAL_PATH_LENGTH = 512
+MAX_DAL_PATH_SEGMENTS = 32
+_DAL_PATH_EXCERPT = 80
+_DAL_REASON_LIMIT = 200
+
+
 class DalMethodError(PolydatumException, AttributeError):
     """A DAL path does not resolve to a public service method (polydatum 1.0).
 
@@ -169,8 +178,13 @@ class DalMethodError(PolydatumException, AttributeError):
 
     def __init__(self, path: tuple[object, ...] | None = None, reason: str = "") -> None:
         self.path = tuple(path or ())
-        dotted = ".".join(str(getattr(p, "name", p)) for p in self.path)
+        dotted = ".".join(str(getattr(p, "name", p)) for p in self.path[:MAX_DAL_PATH_SEGMENTS])
+        if len(self.path) > MAX_DAL_PATH_SEGMENTS or len(dotted) > MAX_DAL_PATH_LENGTH:
+            # A path may come from untrusted input: the message shows a bounded excerpt.
+            dotted = f"{dotted[:_DAL_PATH_EXCERPT]}…"
         message = f"Invalid dal method: {dotted}"
+        if len(reason) > _DAL_REASON_LIMIT:  # it may quote a name from the path
+            reason = f"{reason[:_DAL_REASON_LIMIT]}…"
         if reason:
             message = f"{message} ({reason})"
         super().__init__(message)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import FunctionType
 from typing import TYPE_CHECKING, Any
 
 from polydatum.errors import DalMethodError
@@ -172,6 +173,14 @@ def _class_attribute(cls: type, name: str) -> Any:
     return None
 
 
+def _unwrapped(defined: Any) -> Any:
+    """What a decorator chain (``__wrapped__``) was applied to; ``defined`` on a cycle."""
+    try:
+        return inspect.unwrap(defined)
+    except ValueError:
+        return defined
+
+
 def resolve_path(services: Mapping[str, Service], names: tuple[str, ...]) -> Resolved:
     """Resolve ``names`` to a public method of a registered service, or raise DalMethodError."""
     path = tuple(PathSegment(n) for n in names)
@@ -195,14 +204,18 @@ def resolve_path(services: Mapping[str, Service], names: tuple[str, ...]) -> Res
     if method in subs:
         raise DalMethodError(path, "a service, not a method")
     static = _class_attribute(type(service), method)
-    if (
-        static is None
-        or isinstance(static, property)
-        or not callable(
-            static.__func__ if isinstance(static, staticmethod | classmethod) else static
-        )
-    ):
+    if static is None:
         raise DalMethodError(path, f"{type(service).__name__} has no public method {method!r}")
+    defined = static.__func__ if isinstance(static, staticmethod | classmethod) else static
+    if not isinstance(_unwrapped(defined), FunctionType):
+        # Only code written as a method (a function, possibly decorated, an async one, a
+        # static or class method) is reachable: a builtin stored on the class
+        # (``opener = open``), a nested class, a property or another callable object is
+        # not, since a DAL path may come from untrusted input.
+        raise DalMethodError(
+            path,
+            f"{type(service).__name__}.{method} is not a method: {type(defined).__name__}",
+        )
     bound = getattr(service, method)
     func = inspect.unwrap(bound)
     qualname = getattr(func, "__qualname__", method)
