@@ -14,8 +14,6 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from opentelemetry.trace import Status, StatusCode
-
 from polydatum.access import DataAccessLayer, is_async_callable, public_methods
 from polydatum.context import (
     DataAccessContext,
@@ -33,7 +31,7 @@ from polydatum.lifecycle import Registration, middleware_registration
 from polydatum.meta import Meta
 from polydatum.resources import ResourceManager, is_generator
 from polydatum.services import Service
-from polydatum.telemetry import Telemetry, error_type
+from polydatum.telemetry import Telemetry, error_type, exception_message, fail_span
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
@@ -382,13 +380,11 @@ class DataManager:
         duration = time.perf_counter() - t0
         if span is not None:
             if error is not None:
-                span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
-                span.set_attribute("error.type", error_type(error))
-                span.record_exception(error)
+                fail_span(span, error)
             span.end()
         if error is None:
             return PingResult(name, True, duration)
-        return PingResult(name, False, duration, f"{error_type(error)}: {error}")
+        return PingResult(name, False, duration, f"{error_type(error)}: {exception_message(error)}")
 
     def _ping_one(self, name: str, ping: Callable[[], Any]) -> PingResult:
         span = self._ping_span(name)

@@ -103,11 +103,11 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import SpanKind
 
 from polydatum.context import get_active_context
 from polydatum.errors import PolydatumException
-from polydatum.telemetry import Telemetry, error_type, is_enabled
+from polydatum.telemetry import Telemetry, fail_span, is_enabled
 
 try:
     from sqlalchemy import (
@@ -412,9 +412,7 @@ class SafeStore:
         try:
             return work()
         except BaseException as error:
-            span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
-            span.set_attribute("error.type", error_type(error))
-            span.record_exception(error)
+            fail_span(span, error)
             raise
         finally:
             otel_context.detach(token)

@@ -25,6 +25,7 @@ import logging
 import os
 import threading
 import time
+import traceback
 import weakref
 from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from functools import partial
@@ -139,6 +140,66 @@ def error_type(error: BaseException) -> str:
     return f"{module}.{cls.__qualname__}"
 
 
+#: The longest exception message polydatum records (span status descriptions, the
+#: ``exception.message`` event attribute, log fields) and the longest stack trace
+#: (``exception.stacktrace``); longer text ends in :func:`truncate`'s marker. An
+#: application's exception can carry megabytes (a payload in the message); recording it
+#: whole would multiply it into every span, event and log line.
+MESSAGE_LIMIT = 1024
+STACKTRACE_LIMIT = 16384
+
+
+def truncate(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, followed by ``…[truncated N chars]``."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}…[truncated {len(text) - limit} chars]"
+
+
+def exception_message(error: BaseException) -> str:
+    """``str(error)``, bounded by :data:`MESSAGE_LIMIT`; never raises.
+
+    An application's exception may have a ``__str__`` that raises (one that formats
+    ``None`` is enough): recording it must not replace the application's exception with
+    the recorder's own, nor stop the teardown that records it.
+    """
+    try:
+        text = str(error)
+    except Exception:
+        return f"<unprintable {type(error).__name__}>"
+    return truncate(text, MESSAGE_LIMIT)
+
+
+def exception_stacktrace(error: BaseException) -> str:
+    """The formatted traceback of ``error`` with its cause and context chain (cycles are
+    cut by :mod:`traceback`), bounded by :data:`STACKTRACE_LIMIT`; never raises."""
+    try:
+        text = "".join(traceback.format_exception(error))
+    except Exception:
+        return f"<no stack trace: formatting a {type(error).__name__} failed>"
+    return truncate(text, STACKTRACE_LIMIT)
+
+
+def fail_span(span: Any, error: BaseException) -> None:
+    """Mark ``span`` as failed by ``error`` the OpenTelemetry way: ERROR status whose
+    description is the bounded message, ``error.type``, and one ``exception`` event with
+    the same attributes as the SDK's ``record_exception`` (built here, since the SDK's
+    formats the exception unguarded and unbounded)."""
+    kind = error_type(error)
+    message = exception_message(error)
+    span.set_status(Status(StatusCode.ERROR, message))
+    span.set_attribute("error.type", kind)
+    span.add_event(
+        "exception",
+        {
+            "exception.type": kind,
+            "exception.message": message,
+            "exception.stacktrace": exception_stacktrace(error),
+            "exception.escaped": "False",
+        },
+    )
+
+
 # --------------------------------------------------------------------------- meta
 
 # What of Meta is recorded (allow-listed keys, secrets redacted) is polydatum.redaction's
@@ -190,6 +251,7 @@ def _level_enabled(level: int) -> bool:
     return answer
 
 
+logging.getLogger(LOGGER_NAME).addHandler(logging.NullHandler())
 _internal_log = logging.getLogger("polydatum.telemetry")
 _reported: set[str] = set()
 
@@ -210,7 +272,7 @@ def _report_loss(what: str, error: BaseException) -> None:
             "and further failures of this kind are not logged",
             what,
             type(error).__name__,
-            error,
+            exception_message(error),
         )
 
 
@@ -264,9 +326,28 @@ def _base_logger() -> Any:
     )
     cached_key, logger = _BASE_LOGGER
     if cached_key != key:
-        logger = structlog.get_logger(LOGGER_NAME).bind()
+        if config.is_configured:
+            logger = structlog.get_logger(LOGGER_NAME).bind()
+        else:
+            logger = _stdlib_logger()
         _BASE_LOGGER = (key, logger)
     return logger
+
+
+def _stdlib_logger() -> Any:
+    """polydatum's logger while the application has not configured structlog.
+
+    A library does not print: its events go to the stdlib logger ``polydatum`` (which
+    has a ``NullHandler``, the library convention), rendered as one ``key=value`` line,
+    and the application's logging configuration decides what is shown and where.
+    structlog's default console renderer is never used (it prints to stdout, renders
+    local variables of tracebacks and, with rich, can loop on a cyclic cause chain).
+    """
+    return structlog.wrap_logger(
+        logging.getLogger(LOGGER_NAME),
+        processors=[structlog.processors.KeyValueRenderer(key_order=["event"])],
+        wrapper_class=structlog.stdlib.BoundLogger,
+    ).bind()
 
 
 def _logger(**bound: Any) -> _SafeLog:
@@ -682,7 +763,7 @@ class Telemetry:
             "polydatum.resource.teardown_error_suppressed",
             resource=resource,
             error_type=error_type(error),
-            exc_info=(type(error), error, error.__traceback__),
+            exception=exception_stacktrace(error),
         )
 
 
@@ -721,12 +802,6 @@ _PHASE_OUTCOMES = {
     Outcome.PROPAGATED: "propagated",
     Outcome.RAISED: "raised",
 }
-
-
-def _fail(span: Span, error: BaseException) -> None:
-    span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
-    span.set_attribute("error.type", error_type(error))
-    span.record_exception(error)
 
 
 class ContextTelemetry:
@@ -849,7 +924,7 @@ class ContextTelemetry:
                 if self.teardown_errors:
                     span.set_attribute("polydatum.teardown_errors", len(self.teardown_errors))
                 if error is not None:
-                    _fail(span, error)
+                    fail_span(span, error)
                 elif suppressed is not None:
                     span.set_attribute("polydatum.suppressed_error.type", error_type(suppressed))
         finally:
@@ -955,7 +1030,7 @@ class ContextTelemetry:
                 if seen is not None:
                     span.set_attribute("polydatum.exception.seen", error_type(seen))
             if failed:
-                _fail(span, error)  # type: ignore[arg-type]
+                fail_span(span, error)  # type: ignore[arg-type]
             try:
                 span.end()
             except Exception as failure:
@@ -1002,7 +1077,7 @@ class ContextTelemetry:
             "polydatum.resource.teardown_error_suppressed",
             resource=resource,
             error_type=etype,
-            exc_info=(type(error), error, error.__traceback__),
+            exception=exception_stacktrace(error),
         )
 
     # -- service calls -------------------------------------------------------------
@@ -1037,7 +1112,7 @@ class ContextTelemetry:
                 _detach(step.token)
                 step.token = None
             if error is not None:
-                _fail(span, error)
+                fail_span(span, error)
             try:
                 span.end()
             except Exception as failure:
