@@ -180,15 +180,21 @@ def exception_stacktrace(error: BaseException) -> str:
     return truncate(text, STACKTRACE_LIMIT)
 
 
-def fail_span(span: Any, error: BaseException) -> None:
+def fail_span(span: Any, error: BaseException, record: bool = True) -> None:
     """Mark ``span`` as failed by ``error`` the OpenTelemetry way: ERROR status whose
-    description is the bounded message, ``error.type``, and one ``exception`` event with
-    the same attributes as the SDK's ``record_exception`` (built here, since the SDK's
-    formats the exception unguarded and unbounded)."""
+    description is the bounded message, ``error.type``, and (``record``) one
+    ``exception`` event with the same attributes as the SDK's ``record_exception``
+    (built here, since the SDK's formats the exception unguarded and unbounded).
+
+    An exception is recorded once, on the span of the step it came out of; the spans it
+    propagates through are failed with ``record=False``.
+    """
     kind = error_type(error)
     message = exception_message(error)
     span.set_status(Status(StatusCode.ERROR, message))
     span.set_attribute("error.type", kind)
+    if not record:
+        return
     span.add_event(
         "exception",
         {
@@ -821,6 +827,7 @@ class ContextTelemetry:
         "log",
         "middleware",
         "parent_ctx",
+        "recorded",
         "resources",
         "service_calls",
         "span",
@@ -855,11 +862,22 @@ class ContextTelemetry:
         self.resources: list[str] = []
         self.service_calls = 0
         self.teardown_errors: list[dict[str, str]] = []
+        # The exceptions given an ``exception`` event: as one propagates out of the
+        # enclosing calls and the context, their spans get ERROR and ``error.type`` only.
+        self.recorded: list[BaseException] = []
         self.log: Any = None
         # Step durations feed metrics and log lines only: spans time themselves.
         self.clock: Any = time.perf_counter if instruments is not None or info else float
         self.t0 = 0.0
         self.finished = False
+
+    def fail(self, span: Any, error: BaseException) -> None:
+        """Fail ``span`` by ``error``, recording the exception if no span recorded it."""
+        recorded = self.recorded
+        first = all(error is not seen for seen in recorded)
+        fail_span(span, error, record=first)
+        if first:
+            recorded.append(error)
 
     def begin(self) -> None:
         """Open the context span (a child of the current span) and make it current."""
@@ -924,7 +942,7 @@ class ContextTelemetry:
                 if self.teardown_errors:
                     span.set_attribute("polydatum.teardown_errors", len(self.teardown_errors))
                 if error is not None:
-                    fail_span(span, error)
+                    self.fail(span, error)
                 elif suppressed is not None:
                     span.set_attribute("polydatum.suppressed_error.type", error_type(suppressed))
         finally:
@@ -1030,7 +1048,7 @@ class ContextTelemetry:
                 if seen is not None:
                     span.set_attribute("polydatum.exception.seen", error_type(seen))
             if failed:
-                fail_span(span, error)  # type: ignore[arg-type]
+                self.fail(span, error)  # type: ignore[arg-type]
             try:
                 span.end()
             except Exception as failure:
@@ -1112,7 +1130,7 @@ class ContextTelemetry:
                 _detach(step.token)
                 step.token = None
             if error is not None:
-                fail_span(span, error)
+                self.fail(span, error)
             try:
                 span.end()
             except Exception as failure:

@@ -86,6 +86,8 @@ def test_exit_with_a_context_open(tmp_path: Path) -> None:
     stdout, exported = run_program(
         tmp_path,
         """
+        import logging
+        logging.basicConfig(stream=sys.stdout, format="%(levelname)s %(name)s %(message)s")
         with dm.dal() as dal:
             dal.work.run()
         ctx = dm.context()
@@ -97,7 +99,9 @@ def test_exit_with_a_context_open(tmp_path: Path) -> None:
     ((pid, spans),) = exported.items()
     lines = stdout.splitlines()
     assert lines[:2] == [f"teardown res in {pid}", f"exiting {pid}"]
-    # Not silent: one warning names the open context (structlog's default output).
+    # Not silent: one warning names the open context (to the stdlib logger "polydatum",
+    # shown where the application's logging configuration says).
+    assert lines[2].startswith("WARNING polydatum event='polydatum.context.open_at_exit'")
     assert len(lines) == 3
     assert "polydatum.context.open_at_exit" in lines[2]
     assert "count=1" in lines[2]

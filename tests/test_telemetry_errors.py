@@ -176,3 +176,32 @@ def test_a_failed_ping_with_an_unprintable_error_does_not_raise(
     )
     (span,) = polydatum_telemetry.finished_spans()
     assert span.status.description == "<unprintable Unprintable>"
+
+
+class Outer(Service):
+    def run(self) -> None:
+        self._dal.inner.fail()
+
+
+class Inner(Service):
+    def fail(self) -> None:
+        raise KeyError("missing")
+
+
+def test_an_exception_is_recorded_once_where_it_came_out(
+    polydatum_telemetry: TelemetryCapture,
+) -> None:
+    dm = polydatum_telemetry.data_manager()
+    dm.register_services(outer=Outer(), inner=Inner())
+    with pytest.raises(KeyError), dm.dal() as dal:
+        dal.outer.run()
+    spans = {s.name: s for s in polydatum_telemetry.finished_spans()}
+    assert set(spans) == {"polydatum.context", "outer.run", "inner.fail"}
+    assert [e.name for e in spans["inner.fail"].events] == ["exception"]
+    for name in ("inner.fail", "outer.run", "polydatum.context"):
+        span = spans[name]
+        assert span.status.description == "'missing'"
+        assert span.attributes is not None
+        assert span.attributes["error.type"] == "KeyError"
+    assert spans["outer.run"].events == ()
+    assert spans["polydatum.context"].events == ()
