@@ -124,6 +124,12 @@ def _exception_of(span: Any) -> tuple[str, str] | None:
         if event.name == "exception":
             attrs = event.attributes or {}
             return (str(attrs.get("exception.type", "")), str(attrs.get("exception.message", "")))
+    # An exception is recorded once, on the span it came out of; the spans it propagated
+    # through say it by their status (the message) and ``error.type``.
+    description = getattr(getattr(span, "status", None), "description", None)
+    if description:
+        attrs = getattr(span, "attributes", None) or {}
+        return (str(attrs.get("error.type", "")), str(description))
     return None
 
 
