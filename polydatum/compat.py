@@ -81,6 +81,7 @@ from opentelemetry.trace import propagation as trace_propagation
 from opentelemetry.trace.span import Span
 
 __all__ = [
+    "PLAIN_SUPPRESSION_KEY",
     "PublicStructlogConfig",
     "SetSpanInContext",
     "StructlogConfig",
@@ -91,14 +92,17 @@ __all__ = [
     "find_context_var",
     "find_provider_checks",
     "find_structlog_config",
+    "find_suppression_keys",
     "get_current",
     "global_meter_provider_set",
     "global_providers_unset",
     "global_tracer_provider_set",
+    "instrumentation_suppressed",
     "public_meter_provider_set",
     "public_tracer_provider_set",
     "set_span_in_context",
     "structlog_config",
+    "suppression_keys",
 ]
 
 
@@ -333,3 +337,31 @@ def build_set_span_in_context(
 
 #: ``trace.set_span_in_context(span, context=None)``.
 set_span_in_context: SetSpanInContext = build_set_span_in_context()
+
+
+# ------------------------------------------------------ suppress_instrumentation()
+
+#: The name ``opentelemetry.instrumentation.utils.suppress_instrumentation()`` also
+#: sets, for instrumentations older than the API's own key.
+PLAIN_SUPPRESSION_KEY = "suppress_instrumentation"
+
+
+def find_suppression_keys(context_module: Any = otel_context) -> tuple[str, ...]:
+    """The context keys that, set to a true value, ask instrumentations to record
+    nothing: the API's ``_SUPPRESS_INSTRUMENTATION_KEY`` (when it is still a string) and
+    the plain name contrib's ``suppress_instrumentation()`` sets beside it."""
+    key = getattr(context_module, "_SUPPRESS_INSTRUMENTATION_KEY", None)
+    if isinstance(key, str) and key != PLAIN_SUPPRESSION_KEY:
+        return (key, PLAIN_SUPPRESSION_KEY)
+    return (PLAIN_SUPPRESSION_KEY,)
+
+
+#: The keys :func:`instrumentation_suppressed` reads.
+suppression_keys: tuple[str, ...] = find_suppression_keys()
+
+
+def instrumentation_suppressed() -> bool:
+    """Whether the current OpenTelemetry context asks instrumentations to record nothing
+    (``with suppress_instrumentation():``, as an exporter does around its own I/O)."""
+    current = get_current()
+    return any(current.get(key) for key in suppression_keys)

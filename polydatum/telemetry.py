@@ -45,6 +45,7 @@ from polydatum.compat import detach as _detach
 from polydatum.compat import global_meter_provider_set as _global_meter_provider_set
 from polydatum.compat import global_providers_unset as _global_providers_unset
 from polydatum.compat import global_tracer_provider_set as _global_tracer_provider_set
+from polydatum.compat import instrumentation_suppressed as _instrumentation_suppressed
 from polydatum.compat import set_span_in_context as _in_context
 from polydatum.compat import structlog_config as _STRUCTLOG_CONFIG
 from polydatum.lifecycle import (
@@ -68,6 +69,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DURATION_BUCKETS",
+    "SCHEMA_URL",
     "ContextTelemetry",
     "Telemetry",
     "configure_logging",
@@ -82,6 +84,10 @@ __all__ = [
 
 INSTRUMENTATION_NAME = "polydatum"
 LOGGER_NAME = "polydatum"
+#: The semantic-conventions version the attribute names follow (``db.system.name``,
+#: ``db.namespace``, ``code.function.name``, ``error.type``, ``server.*``: all stable
+#: there), carried by polydatum's tracer and meter so a backend can translate them.
+SCHEMA_URL = "https://opentelemetry.io/schemas/1.37.0"
 
 #: Histogram bucket advice, in seconds: 0.1 ms to 10 s, so sub-millisecond phases resolve.
 DURATION_BUCKETS: tuple[float, ...] = (
@@ -553,7 +559,7 @@ class _Instruments:
 
     def __init__(self, provider: MeterProvider) -> None:
         self.provider = provider
-        meter = provider.get_meter(INSTRUMENTATION_NAME, __version__)
+        meter = provider.get_meter(INSTRUMENTATION_NAME, __version__, schema_url=SCHEMA_URL)
         buckets = list(DURATION_BUCKETS)
         self.context_duration = meter.create_histogram(
             "polydatum.context.duration", unit="s",
@@ -709,7 +715,9 @@ class Telemetry:
         if isinstance(provider, trace.NoOpTracerProvider):
             return None
         if provider is not self._tracer_for:
-            self._tracer = provider.get_tracer(INSTRUMENTATION_NAME, __version__)
+            self._tracer = provider.get_tracer(
+                INSTRUMENTATION_NAME, __version__, schema_url=SCHEMA_URL
+            )
             self._tracer_for = provider
         return self._tracer
 
@@ -751,6 +759,8 @@ class Telemetry:
             return None  # the idle path: no provider anywhere, INFO filtered out
         else:
             tracer = self.tracer()
+        if _instrumentation_suppressed():
+            return None  # inside suppress_instrumentation(), as exporters do their I/O
         provider = self.meter_provider
         if provider is not None and provider is self._instruments_for:
             instruments = self._instruments
