@@ -31,7 +31,14 @@ from polydatum.lifecycle import Registration, middleware_registration
 from polydatum.meta import Meta
 from polydatum.resources import ResourceManager, is_generator
 from polydatum.services import Service
-from polydatum.telemetry import Telemetry, error_type, exception_message, fail_span
+from polydatum.telemetry import (
+    Telemetry,
+    end_span,
+    error_type,
+    exception_message,
+    fail_span,
+    start_span,
+)
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
@@ -370,8 +377,8 @@ class DataManager:
         tracer = self.telemetry.tracer()
         if tracer is None:
             return None
-        return tracer.start_span(
-            f"polydatum.resource.ping {name}", attributes={"polydatum.resource.name": name}
+        return start_span(
+            tracer, f"polydatum.resource.ping {name}", {"polydatum.resource.name": name}
         )
 
     def _ping_done(
@@ -381,7 +388,7 @@ class DataManager:
         if span is not None:
             if error is not None:
                 fail_span(span, error)
-            span.end()
+            end_span(span)
         if error is None:
             return PingResult(name, True, duration)
         return PingResult(name, False, duration, f"{error_type(error)}: {exception_message(error)}")

@@ -103,11 +103,10 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind
 
 from polydatum.context import get_active_context
 from polydatum.errors import PolydatumException
-from polydatum.telemetry import Telemetry, fail_span, is_enabled
+from polydatum.telemetry import Telemetry, end_span, fail_span, is_enabled, start_span
 
 try:
     from sqlalchemy import (
@@ -405,9 +404,9 @@ class SafeStore:
             return work()
         attributes: dict[str, Any] = {"polydatum.safe.namespace": namespace}
         attributes.update(self._span_attributes)
-        span = tracer.start_span(
-            f"polydatum.safe.{operation}", kind=SpanKind.INTERNAL, attributes=attributes
-        )
+        span = start_span(tracer, f"polydatum.safe.{operation}", attributes)
+        if span is None:
+            return work()
         token = otel_context.attach(trace.set_span_in_context(span))
         try:
             return work()
@@ -416,7 +415,7 @@ class SafeStore:
             raise
         finally:
             otel_context.detach(token)
-            span.end()
+            end_span(span)
 
     def _read(self, work: Callable[[Connection], T]) -> T:
         self._ensure_table()

@@ -75,11 +75,13 @@ __all__ = [
     "configure_logging",
     "disable",
     "enable",
+    "end_span",
     "error_type",
     "is_enabled",
     "limit_export_warnings",
     "redact_meta",
     "setup_local_sdk",
+    "start_span",
 ]
 
 INSTRUMENTATION_NAME = "polydatum"
@@ -373,12 +375,23 @@ def _logger(**bound: Any) -> _SafeLog:
 _INTERNAL = SpanKind.INTERNAL
 
 
-def _end_span(span: Span) -> None:
+def end_span(span: Span) -> None:
     """``span.end()``; a raising span processor loses the span, never the request."""
     try:
         span.end()
     except Exception as error:
         _report_loss("ending a span (a span processor's on_end?)", error)
+
+
+def start_span(tracer: Any, name: str, attributes: Mapping[str, Any]) -> Span | None:
+    """An INTERNAL span under the current one, or ``None`` when starting it raised (a
+    span processor's ``on_start``): the span is lost, never the work it would record."""
+    try:
+        span: Span = tracer.start_span(name, None, _INTERNAL, attributes)
+    except Exception as error:
+        _report_loss("starting a span (a span processor's on_start?)", error)
+        return None
+    return span
 
 
 def configure_logging(
@@ -919,7 +932,7 @@ class ContextTelemetry:
         with contextlib.suppress(Exception):
             span.set_status(Status(StatusCode.ERROR, "context still open at interpreter exit"))
             span.set_attribute("polydatum.abandoned", True)
-        _end_span(span)
+        end_span(span)
         self.span = None
 
     def _ids(self) -> dict[str, Any]:

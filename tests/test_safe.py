@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import sql_backends
+from opentelemetry.sdk.trace import SpanProcessor
 from sql_backends import REPO_ROOT, Backend, checked_out, worker_env
 from sqlalchemy import (
     Column,
@@ -634,3 +635,45 @@ def test_as_many_threads_as_pool_connections_use_the_session_and_the_safe(
     assert stored_notes(backend) == {i: f"thread {i}" for i in range(size)}
     assert stored_safe(sql, "threads") == [("n", size)]
     assert checked_out(sql.db.engine) == 0
+
+
+class RaisingProcessor(SpanProcessor):
+    """A span processor that raises in ``on_start`` or ``on_end``."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.calls = 0
+
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        if self.where == "on_start":
+            self.calls += 1
+            raise RuntimeError("processor on_start exploded")
+
+    def on_end(self, span: Any) -> None:
+        if self.where == "on_end":
+            self.calls += 1
+            raise RuntimeError("processor on_end exploded")
+
+
+@pytest.mark.parametrize("where", ["on_start", "on_end"])
+def test_a_raising_span_processor_never_fails_or_repeats_an_update(
+    backend: Backend, where: str
+) -> None:
+    """A processor raising after the update committed must not fail the call: a retry
+    of a call that failed that way would apply the update twice."""
+    with TelemetryCapture() as cap:
+        raising = RaisingProcessor(where)
+        cap.tracer_provider.add_span_processor(raising)
+        dm = cap.data_manager()
+        sql = backend.track(configure_sql(dm, backend.url))
+        dm.register_services(counters=Counters())
+        sql.safe.create_table()
+        for expected in (1, 2, 3):
+            with dm.dal() as dal:
+                assert dal.counters.hit("home") == expected
+        with dm.dal() as dal:
+            assert dal.counters.peek("home") == 3
+        assert raising.calls > 0
+        if where == "on_end":  # the in-memory exporter ran first: the spans are there
+            updates = [s for s in cap.spans() if s.name == "polydatum.safe.update"]
+            assert len(updates) == 3

@@ -350,3 +350,33 @@ def test_a_raising_structlog_configuration_loses_logs_not_requests(
     assert len(capture.spans()) == 20 * 6 + 3  # the last context made no service call
     capture.tracer_provider.shutdown()
     capture.meter_provider.shutdown()
+
+
+@pytest.mark.parametrize("where", ["on_start", "on_end"])
+def test_a_raising_span_processor_never_makes_ping_raise(where: str) -> None:
+    capture = TelemetryCapture()
+    raising = Raising(where)
+    capture.tracer_provider.add_span_processor(raising)
+
+    class Pinged:
+        """A resource with a health check (``ping`` beside the generator)."""
+
+        def __init__(self, error: Exception | None) -> None:
+            self.error = error
+
+        def __call__(self, ctx: Any) -> Iterator[None]:
+            yield None
+
+        def ping(self) -> None:
+            if self.error is not None:
+                raise self.error
+
+    dm = DataManager(tracer_provider=capture.tracer_provider)
+    dm.register_resources(down=Pinged(ConnectionError("database is down")), up=Pinged(None))
+    results = dm.ping()
+    assert {name: (r.ok, r.error) for name, r in results.items()} == {
+        "down": (False, "ConnectionError: database is down"),
+        "up": (True, None),
+    }
+    assert raising.calls == 2
+    capture.tracer_provider.shutdown()
