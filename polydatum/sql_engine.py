@@ -40,6 +40,8 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     ) from error
 
 __all__ = [
+    "DATA_DIR_ENV_VAR",
+    "DEFAULT_DATABASE_FILE",
     "DEFAULT_DATABASE_URL",
     "ENV_VAR",
     "SETTINGS_KEY",
@@ -49,6 +51,7 @@ __all__ = [
     "create_async_sql_engine",
     "create_sql_engine",
     "database_url",
+    "default_database_url",
     "failures_of",
     "parse_database_url",
     "telemetry_attributes_for",
@@ -57,8 +60,13 @@ __all__ = [
 
 #: The environment variable :func:`database_url` reads.
 ENV_VAR = "POLYDATUM_DATABASE_URL"
-#: The embedded default: a SQLite file in the working directory.
+#: The embedded default: a SQLite file in the working directory (or in
+#: ``$POLYDATUM_DATA_DIR``, see :func:`default_database_url`).
 DEFAULT_DATABASE_URL = "sqlite:///polydatum.db"
+#: The environment variable naming the directory of the default SQLite file.
+DATA_DIR_ENV_VAR = "POLYDATUM_DATA_DIR"
+#: The default SQLite file's name.
+DEFAULT_DATABASE_FILE = "polydatum.db"
 #: The settings key :func:`database_url` reads.
 SETTINGS_KEY = "DATABASE_URL"
 
@@ -87,7 +95,8 @@ _SYSTEM_NAMES = {
 
 def database_url(url: str | None = None, settings: Mapping[str, Any] | None = None) -> str:
     """Resolve the database URL: ``url``, ``settings["DATABASE_URL"]``, the
-    ``POLYDATUM_DATABASE_URL`` environment variable, then ``sqlite:///polydatum.db``.
+    ``POLYDATUM_DATABASE_URL`` environment variable, then :func:`default_database_url`
+    (``sqlite:///polydatum.db``, in ``$POLYDATUM_DATA_DIR`` when that is set).
 
     Empty values are skipped, so an empty environment variable does not mean "no
     database". A value that is not a string raises :class:`TypeError`.
@@ -111,7 +120,25 @@ def database_url(url: str | None = None, settings: Mapping[str, Any] | None = No
                 f"'sqlite:///app.db' or 'postgresql://user@host/db', not {type(value).__name__}"
             )
         return value
-    return DEFAULT_DATABASE_URL
+    return default_database_url()
+
+
+def default_database_url() -> str:
+    """The embedded default: ``polydatum.db`` in ``$POLYDATUM_DATA_DIR`` when that is set
+    (a volume, ``/var/lib/app``; created if missing), else in the working directory."""
+    directory = os.environ.get(DATA_DIR_ENV_VAR)
+    if not directory:
+        return DEFAULT_DATABASE_URL
+    path = os.path.abspath(os.path.expanduser(directory))
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        raise ValueError(
+            f"${DATA_DIR_ENV_VAR} is {directory!r}, which cannot be used as the directory "
+            f"of the default SQLite database ({error.strerror}); set it to a writable "
+            f"directory, or set ${ENV_VAR} to a database URL"
+        ) from None
+    return f"sqlite:///{os.path.join(path, DEFAULT_DATABASE_FILE)}"
 
 
 def parse_database_url(url: str) -> URL:
@@ -121,12 +148,17 @@ def parse_database_url(url: str) -> URL:
     showing what one looks like.
     """
     try:
-        return make_url(url)
+        parsed = make_url(url)
     except ArgumentError as error:
         raise ValueError(
             f"not a database URL: {url!r} ({error}); expected e.g. 'sqlite:///app.db' "
             f"or 'postgresql://user@host:5432/db'"
         ) from None
+    # Heroku-style ``DATABASE_URL``s say ``postgres://``, a name SQLAlchemy dropped.
+    backend, plus, driver = parsed.drivername.partition("+")
+    if backend == "postgres":
+        return parsed.set(drivername=f"postgresql{plus}{driver}")
+    return parsed
 
 
 def url_for_flavour(url: URL, *, asyncio: bool) -> URL:

@@ -6,6 +6,7 @@ import asyncio
 import re
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,6 +34,7 @@ from polydatum.sql import (
     savepoint,
     transaction_middleware,
 )
+from polydatum.sql_engine import parse_database_url
 from polydatum.testing import TelemetryCapture
 
 backend = sql_backends.backend  # the fixture: SQLite and PostgreSQL
@@ -184,6 +186,65 @@ def test_database_url_resolution_order(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     monkeypatch.setenv("POLYDATUM_DATABASE_URL", "")
     assert database_url() == "sqlite:///polydatum.db"
+
+
+def test_the_default_sqlite_file_lives_in_polydatum_data_dir(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("POLYDATUM_DATABASE_URL", raising=False)
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "volume" / "app"
+    monkeypatch.setenv("POLYDATUM_DATA_DIR", str(data))
+    assert database_url() == f"sqlite:///{data / 'polydatum.db'}"
+    assert data.is_dir()  # created on first use
+    dm = DataManager()
+    backend = configure_sql(dm)
+    try:
+        with dm.context() as ctx:
+            ctx.db.execute(text("CREATE TABLE t (x INTEGER)"))
+    finally:
+        backend.dispose()
+    assert sorted(p.name for p in data.iterdir())[:1] == ["polydatum.db"]
+    assert not (tmp_path / "polydatum.db").exists()
+    monkeypatch.setenv("POLYDATUM_DATA_DIR", "")
+    assert database_url() == "sqlite:///polydatum.db"  # empty: the working directory
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("POLYDATUM_DATA_DIR", str(blocker))
+    with pytest.raises(ValueError) as info:
+        database_url()
+    assert str(info.value) == (
+        f"$POLYDATUM_DATA_DIR is {str(blocker)!r}, which cannot be used as the directory of "
+        "the default SQLite database (File exists); set it to a writable directory, or set "
+        "$POLYDATUM_DATABASE_URL to a database URL"
+    )
+
+
+@pytest.mark.parametrize(
+    ("given", "parsed"),
+    [
+        ("postgres://app:pw@db:5432/app", "postgresql://app:pw@db:5432/app"),
+        ("postgres+asyncpg://db/app", "postgresql+asyncpg://db/app"),
+        ("postgresql://db/app", "postgresql://db/app"),
+    ],
+)
+def test_postgres_scheme_urls_are_accepted(given: str, parsed: str) -> None:
+    assert parse_database_url(given).render_as_string(hide_password=False) == parsed
+
+
+@pytest.mark.postgres
+def test_a_postgres_scheme_url_connects(postgres_url: str) -> None:
+    url = postgres_url.replace("postgresql+psycopg://", "postgres://").replace(
+        "postgresql://", "postgres://"
+    )
+    assert url.startswith("postgres://")
+    dm = DataManager()
+    backend = configure_sql(dm, url)
+    try:
+        with dm.context() as ctx:
+            assert ctx.db.execute(text("SELECT 1")).scalar_one() == 1
+    finally:
+        backend.dispose()
 
 
 def test_database_url_rejects_bad_values() -> None:
