@@ -22,7 +22,6 @@ from polydatum.errors import (
     DalMethodError,
     InvalidMiddleware,
     NoActiveContextError,
-    RegistrationError,
 )
 from polydatum.lifecycle import active_lifecycle, callable_name
 from polydatum.middleware import (
@@ -34,7 +33,7 @@ from polydatum.middleware import (
     handle_dal_method,
     resolve_path,
 )
-from polydatum.services import Service
+from polydatum.services import Service, check_service
 
 if TYPE_CHECKING:
     from polydatum.registry import DataManager
@@ -130,6 +129,18 @@ class DataAccessLayer:
                 f"{middleware!r} is not a valid method middleware: it must be a callable "
                 f"mw(request, handler)."
             )
+        try:
+            signature = inspect.signature(middleware)
+        except (TypeError, ValueError):  # no signature to read (some builtins): trust it
+            return middleware
+        try:
+            signature.bind(None, handler=None)
+        except TypeError:
+            raise InvalidMiddleware(
+                f"Method middleware {callable_name(middleware)}{signature} has the wrong "
+                f"shape: it is called as mw(request, handler=next_handler), so it must take "
+                f"(request, handler)."
+            ) from None
         return middleware
 
     def add_middleware(self, *middleware: Any) -> None:
@@ -175,12 +186,13 @@ class DataAccessLayer:
 
     def register_services(self, **services: Service) -> DataAccessLayer:
         """Register services; ``AlreadyExistsException`` for a name already taken."""
-        for key in services:
+        for key, service in services.items():
             if key in self._services:
                 raise AlreadyExistsException(
                     f"A Service for {key} is already registered; "
                     f"use replace_service({key!r}, ...) to override it."
                 )
+            check_service(key, service)  # all refused before any is registered
         for key, service in services.items():
             self._init_service(key, service)
         return self
@@ -190,12 +202,8 @@ class DataAccessLayer:
         return self._init_service(key, service)
 
     def _init_service(self, key: str, service: Service) -> Service:
-        setup = getattr(service, "setup", None)
-        if not callable(setup):
-            raise RegistrationError(
-                f"Service {key}={service!r} must be a polydatum.Service (it has no setup() method)."
-            )
-        setup(self._data_manager)
+        check_service(key, service)
+        service.setup(self._data_manager)
         self._services[key] = service
         cls = type(self)
         if (

@@ -2,15 +2,32 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Any, Self
 
-from polydatum.errors import AlreadyExistsException, NoActiveContextError
+from polydatum.errors import AlreadyExistsException, NoActiveContextError, RegistrationError
 from polydatum.lifecycle import active_lifecycle
 
 if TYPE_CHECKING:
     from polydatum.access import DataAccessLayer
     from polydatum.context import DataAccessContext
     from polydatum.registry import DataManager
+
+
+__all__ = ["Service", "check_service"]
+
+
+def check_service(path: str, service: Any) -> None:
+    """Refuse, before anything is bound, what cannot be registered as the service
+    ``path``: a class (an instance is registered) or an object without ``setup()``."""
+    if isinstance(service, type):
+        name = service.__name__
+        raise RegistrationError(
+            f"Service {path}={name} is a class; register an instance: {path}={name}()."
+        )
+    if not callable(getattr(service, "setup", None)):
+        raise RegistrationError(
+            f"Service {path}={service!r} must be a polydatum.Service (it has no setup() method)."
+        )
 
 
 class Service:
@@ -31,11 +48,12 @@ class Service:
     def register_services(self, **services: Service) -> Self:
         """Register sub-services (``dal.users.profile``); returns ``self`` for chaining."""
         subs = self.__dict__.setdefault("_services", {})
-        for key in services:
+        for key, service in services.items():
             if key in subs:
                 raise AlreadyExistsException(
                     f"A Service for {key} is already registered on {type(self).__name__}."
                 )
+            check_service(f"{type(self).__name__}.{key}", service)
         for key, service in services.items():
             service.setup(self.__dict__.get("_data_manager"))
             subs[key] = service

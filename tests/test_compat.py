@@ -12,12 +12,14 @@ from polydatum import DataAccessLayer, DataManager, Service
 from polydatum.context import DataAccessContext, Meta
 from polydatum.errors import (
     AlreadyExistsException,
+    ContextStateError,
     DalMethodError,
     InvalidMiddleware,
     MiddlewareException,
     MiddlewareSetupException,
     NotFound,
     PolydatumException,
+    RegistrationError,
     ResourceException,
     ResourceSetupException,
     ServiceError,
@@ -474,3 +476,45 @@ def test_replacing_services_after_calls_takes_effect(dm: DataManager) -> None:
     with dm.dal({"user": "u"}) as dal:
         assert dal.users.more.get(3) == {"other": 3}
         assert dal.users.profile.get(4) == {"other": 4}
+
+
+def test_the_three_common_mistakes_say_what_to_do() -> None:
+    class Notes(Service):
+        def mine(self) -> int:
+            return 1
+
+    dm = DataManager()
+    dm.register_services(notes=Notes())
+    dal = dm.dal()  # forgot `with`
+    with pytest.raises(ContextStateError) as state:
+        dal.notes.mine()
+    assert str(state.value) == (
+        "Cannot use 'notes': `dm.dal()` gives a context, not the DAL, and this one was never "
+        "entered; use `with dm.dal() as dal:` (or `async with`), then `dal.notes`."
+    )
+    with dm.dal() as entered:  # and the context was not spoilt by the mistake
+        assert entered.notes.mine() == 1
+
+    with pytest.raises(RegistrationError) as registration:
+        dm.register_services(more=Notes(), other=Notes)  # type: ignore[arg-type]
+    assert str(registration.value) == (
+        "Service other=Notes is a class; register an instance: other=Notes()."
+    )
+    assert "more" not in dm.get_dal()._services  # refused before any was registered
+    with pytest.raises(RegistrationError, match=r"^Service Notes\.sub=Notes is a class"):
+        Notes().register_services(sub=Notes)  # type: ignore[arg-type]
+    with pytest.raises(RegistrationError, match=r"^Service notes=Notes is a class"):
+        dm.replace_service("notes", Notes)  # type: ignore[arg-type]
+
+    def audit(ctx: Any, request: Any) -> Any:
+        return None
+
+    with pytest.raises(InvalidMiddleware) as shape:
+        dm.register_method_middleware(audit)
+    assert str(shape.value) == (
+        "Method middleware audit(ctx: 'Any', request: 'Any') -> 'Any' has the wrong shape: "
+        "it is called as "
+        "mw(request, handler=next_handler), so it must take (request, handler)."
+    )
+    with dm.dal() as entered:  # nothing half-registered
+        assert entered.notes.mine() == 1

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from polydatum.errors import CommitError, TeardownErrors
 from polydatum.lifecycle.observer import ContextObserver, ObserverFactory
 from polydatum.lifecycle.records import Registration, StepRecord
+from polydatum.lifecycle.rules import dal_not_entered
 from polydatum.lifecycle.states import (
     RESOURCE_CREATE_STATES,
     State,
@@ -192,6 +193,8 @@ class LifecycleCore:
         """``ctx.<name>`` when ``name`` is no attribute of the context: a resource."""
         if name.startswith("__") or name.startswith("_abc"):
             raise AttributeError(name)
+        if self.yields_dal and self.state is State.CREATED:
+            raise dal_not_entered(name)
         if self.state in RESOURCE_CREATE_STATES and name not in self.resources:
             return self._create(name)
         return self.reread(name)

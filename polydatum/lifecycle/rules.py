@@ -44,6 +44,7 @@ __all__ = [
     "cannot_create",
     "cannot_use",
     "classify",
+    "dal_not_entered",
     "did_not_yield",
     "is_teardown_error",
     "resource_cycle",
@@ -174,6 +175,14 @@ def cannot_use(name: str, state: State) -> ContextStateError:
         f"Cannot use resource {name!r}: the context is in state '{state.value}'; "
         f"resources can only be used while the context is active. "
         f"Open a new context with dm.context()."
+    )
+
+
+def dal_not_entered(name: str) -> ContextStateError:
+    """``dm.dal().<name>``: the DAL read from a context that was never entered."""
+    return ContextStateError(
+        f"Cannot use {name!r}: `dm.dal()` gives a context, not the DAL, and this one was "
+        f"never entered; use `with dm.dal() as dal:` (or `async with`), then `dal.{name}`."
     )
 
 
