@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import os
 import sys
@@ -50,31 +51,78 @@ def load_data_manager(target: str) -> DataManager:
         except AttributeError:
             raise CliError(f"module {module_name!r} has no attribute {attr!r}") from None
     called = ""
-    if not isinstance(obj, DataManager) and callable(obj):
+    if not isinstance(obj, DataManager) and _is_factory(obj):
         obj = obj()
         called = "()"
     if isinstance(obj, DataManager):
         return obj
-    # An application object (what an app factory returns, say) holding its DataManager.
-    held = sorted(
-        name for name, value in getattr(obj, "__dict__", {}).items()
-        if isinstance(value, DataManager)
-    )  # fmt: skip
+    # An application (an ASGI/WSGI app, what an app factory returns) holding its
+    # DataManager: in an attribute, Flask's extensions, a middleware's arguments...
+    held = held_data_managers(obj)
     what = f"{target}{called} is of type {type(obj).__name__}, not a polydatum DataManager"
     if len(held) == 1:
-        print(f"polydatum: {what}; using its attribute .{held[0]}", file=sys.stderr)
-        found: DataManager = getattr(obj, held[0])
+        ((where, found),) = held.items()
+        print(f"polydatum: {what}; using the DataManager at {where}", file=sys.stderr)
         return found
     if held:
-        names = ", ".join(f".{name}" for name in held)
+        names = ", ".join(sorted(held))
         raise CliError(
             f"{what}, and it holds several ({names}): point at one of them, "
             f"e.g. a module-level `dm = ...` as MODULE:dm"
         )
     raise CliError(
         f"{what}: point at a DataManager, a zero-argument function returning one, "
-        f"or an object with one DataManager attribute"
+        f"or an application holding one"
     )
+
+
+def _is_factory(obj: Any) -> bool:
+    """A function (or class) callable with no arguments: an application factory. An
+    ASGI or WSGI application is callable too, but with arguments: it is not called."""
+    if not (inspect.isfunction(obj) or inspect.ismethod(obj) or inspect.isclass(obj)):
+        return False
+    try:
+        inspect.signature(obj).bind()
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+#: How deep :func:`held_data_managers` looks (app → middleware list → entry → kwargs).
+SEARCH_DEPTH = 4
+
+
+def held_data_managers(obj: Any) -> dict[str, DataManager]:
+    """The DataManagers ``obj`` holds, by where they were found (``.extensions['x']``):
+    attributes, mapping values and sequence items, breadth first, :data:`SEARCH_DEPTH`
+    levels deep, each object visited once."""
+    found: dict[str, DataManager] = {}
+    seen: set[int] = {id(obj)}
+    level: list[tuple[str, Any]] = [("", obj)]
+    for _ in range(SEARCH_DEPTH):
+        following: list[tuple[str, Any]] = []
+        for where, value in level:
+            for name, child in _children(value):
+                if id(child) in seen:
+                    continue
+                seen.add(id(child))
+                if isinstance(child, DataManager):
+                    found.setdefault(f"{where}{name}", child)
+                elif not isinstance(child, str | bytes | int | float | bool | type(None)):
+                    following.append((f"{where}{name}", child))
+        level = following
+    return found
+
+
+def _children(value: Any) -> list[tuple[str, Any]]:
+    if isinstance(value, dict):
+        return [(f"[{key!r}]", child) for key, child in list(value.items())[:100]]
+    if isinstance(value, list | tuple):
+        return [(f"[{index}]", child) for index, child in enumerate(value[:100])]
+    attributes = getattr(value, "__dict__", None)
+    if not isinstance(attributes, dict) or inspect.ismodule(value) or inspect.isclass(value):
+        return []
+    return [(f".{name}", child) for name, child in list(attributes.items())[:100]]
 
 
 def _tree_lines(services: dict[str, Any], prefix: str = "", path: str = "") -> list[str]:

@@ -23,12 +23,17 @@ from __future__ import annotations
 
 import argparse
 import ast
+import asyncio
+import inspect
 import io
 import json
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
+
+from polydatum.errors import DalMethodError
+from polydatum.middleware import resolve_path
 
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
@@ -40,6 +45,7 @@ __all__ = [
     "emit",
     "exception_path",
     "format_duration",
+    "needs_asyncio",
     "parse_call",
     "print_waterfall",
     "register_cli",
@@ -607,6 +613,22 @@ def _quiet_logging() -> None:
         )
 
 
+def needs_asyncio(dm: Any, path: str) -> bool:
+    """Whether a call of ``path`` must run in an ``async with`` context, as the
+    application runs it: an async resource or context middleware is registered, or the
+    method is ``async def``. A path that does not resolve runs sync (and fails there)."""
+    registrations = [
+        *getattr(dm, "resource_registrations", {}).values(),
+        *(getattr(dm, "context_middleware", None) or ()),
+    ]
+    if any(getattr(registration, "is_async", False) for registration in registrations):
+        return True
+    try:
+        return resolve_path(dm.get_dal().services, tuple(path.split("."))).is_async
+    except DalMethodError:
+        return False
+
+
 def run_trace(
     dm: Any, expression: str, meta: Mapping[str, Any] | None = None
 ) -> tuple[Step | None, Any, BaseException | None]:
@@ -615,9 +637,18 @@ def run_trace(
     exporter = _capture_provider(dm)
     result: Any = None
     error: BaseException | None = None
+
+    async def call_in_async_context() -> Any:
+        async with dm.dal(dict(meta or {})) as dal:
+            called = dal[path](*args, **kwargs)
+            return (await called) if inspect.isawaitable(called) else called
+
     try:
-        with dm.dal(dict(meta or {})) as dal:
-            result = dal[path](*args, **kwargs)
+        if needs_asyncio(dm, path):
+            result = asyncio.run(call_in_async_context())
+        else:
+            with dm.dal(dict(meta or {})) as dal:
+                result = dal[path](*args, **kwargs)
     except Exception as raised:
         error = raised
     found = contexts(exporter.get_finished_spans())

@@ -193,8 +193,8 @@ def test_inspect_json_and_factory(capsys: Any, monkeypatch: Any) -> None:
         (
             "sample_app:Users",
             "polydatum: error: sample_app:Users() is of type Users, not a polydatum DataManager: "
-            "point at a DataManager, a zero-argument function returning one, or an object "
-            "with one DataManager attribute\n",
+            "point at a DataManager, a zero-argument function returning one, or an "
+            "application holding one\n",
         ),
         (
             "sample_app:two",
@@ -219,7 +219,7 @@ def test_inspect_finds_the_data_manager_an_app_factory_returns(
     assert out.out == EXPECTED_INSPECT
     assert out.err == (
         "polydatum: sample_app:create_app() is of type App, not a polydatum DataManager; "
-        "using its attribute .dm\n"
+        "using the DataManager at .dm\n"
     )
 
 

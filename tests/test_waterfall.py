@@ -392,3 +392,83 @@ def test_trace_command_errors_are_one_line(app_dir: Path, capsys: Any) -> None:
     assert len(done.stderr.splitlines()) == 1
     assert cli_main(["trace", "nosuchmodule_xyz:dm", "a.b()"]) == 2
     assert "cannot import module 'nosuchmodule_xyz'" in capsys.readouterr().err
+
+
+ASYNC_APP = """
+from polydatum import DataManager, Service
+
+class Books(Service):
+    async def get(self, book_id):
+        session = await self._ctx.aresource("db")
+        return {"id": book_id, "session": session}
+
+async def db(ctx):
+    yield "async-session"
+
+async def audit(ctx):
+    yield
+
+dm = DataManager()
+dm.register_context_middleware(audit)
+dm.register_resources(db=db)
+dm.register_services(books=Books())
+
+# The same DataManager inside the applications that serve it, for `--target app:...`.
+from fastapi import FastAPI
+from flask import Flask
+from polydatum.integrations.asgi import PolydatumMiddleware
+from polydatum.integrations.flask import init_app
+
+fastapi_app = FastAPI()
+fastapi_app.add_middleware(PolydatumMiddleware, data_manager=dm)
+flask_app = Flask("books")
+init_app(flask_app, dm)
+
+def create_fastapi_app():
+    return fastapi_app
+"""
+
+
+@pytest.fixture
+def async_app_dir(tmp_path: Path) -> Path:
+    (tmp_path / "async_trace_app.py").write_text(textwrap.dedent(ASYNC_APP))
+    return tmp_path
+
+
+def test_trace_runs_an_async_data_manager(async_app_dir: Path) -> None:
+    done = run_cli(async_app_dir, "trace", "async_trace_app:dm", "books.get(3)", "--json")
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert data["error"] is None
+    assert data["result"] == "{'id': 3, 'session': 'async-session'}"
+    assert [c["name"] for c in data["children"]] == [
+        "polydatum.middleware.setup audit",
+        "books.get",
+        "polydatum.middleware.teardown audit",
+        "polydatum.resource.teardown db",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("target", "where"),
+    [
+        ("async_trace_app:fastapi_app", ".user_middleware[0].kwargs['data_manager']"),
+        ("async_trace_app:create_fastapi_app", ".user_middleware[0].kwargs['data_manager']"),
+        ("async_trace_app:flask_app", ".extensions['polydatum'].data_manager"),
+    ],
+)
+def test_trace_and_inspect_find_the_data_manager_an_app_holds(
+    async_app_dir: Path, target: str, where: str
+) -> None:
+    done = run_cli(async_app_dir, "trace", target, "books.get(4)", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["result"] == "{'id': 4, 'session': 'async-session'}"
+    called = "()" if target.endswith("create_fastapi_app") else ""
+    kind = "FastAPI" if "fastapi" in target else "Flask"
+    assert done.stderr == (
+        f"polydatum: {target}{called} is of type {kind}, not a polydatum DataManager; "
+        f"using the DataManager at {where}\n"
+    )
+    inspected = run_cli(async_app_dir, "inspect", target)
+    assert inspected.returncode == 0, inspected.stderr
+    assert "books" in inspected.stdout
