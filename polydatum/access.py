@@ -163,19 +163,20 @@ class DataAccessLayer:
         for m in reversed(chain):
             ahandler = _async_link(m, ahandler)
         self._ahandler = ahandler
-        # No method middleware of the user's and the stock resolver and handler: a
-        # resolved call can go straight to the method (the common, hot case).
-        self._bump()
         # A sync method's call runs the sync chain: an ``async def`` middleware there
         # would hand the caller a coroutine instead of the result (see _sync_result).
         self._async_middleware: list[str] = [
             callable_name(m) for m in self._middleware if is_async_callable(m)
         ]
+        # No method middleware of the user's and the stock resolver and handler: a
+        # resolved call can go straight to the method (the common, hot case).
         self._direct = (
             not self._middleware
             and self._default_middleware == [dal_method_resolver_middleware]
             and self._base_handler is handle_dal_method
         )
+        # Last: a call that sees the new generation sees the new chain and flag too.
+        self._bump()
 
     @property
     def method_middleware(self) -> list[Any]:
@@ -216,8 +217,15 @@ class DataAccessLayer:
         return service
 
     def _invalidate(self) -> None:
-        """Forget every cached resolution (a service was registered or replaced)."""
-        self._resolved.clear()
+        """Forget every cached resolution (a service was registered or replaced).
+
+        A new cache, not a cleared one: a call that resolved against the old
+        registration stores its resolution in the cache it read, which is no longer
+        used, so it can never become the answer for later calls. The cache is
+        replaced before the generation cell (see :meth:`_bump`): a caller that reads
+        the cell first and then the cache never pairs a new cell with an old cache.
+        """
+        self._resolved = {}
         self._bump()
 
     def _bump(self) -> None:
@@ -237,16 +245,22 @@ class DataAccessLayer:
 
     # -- calling ------------------------------------------------------------------
 
-    def _resolve(self, names: tuple[str, ...]) -> Resolved:
+    def _resolve(
+        self, names: tuple[str, ...], cache: dict[tuple[str, ...], Resolved] | None = None
+    ) -> Resolved:
+        """The resolution of ``names``, cached in ``cache`` (the cache read before the
+        services were: a registration in between replaces it, see :meth:`_invalidate`)."""
+        if cache is None:
+            cache = self._resolved
         try:
-            return self._resolved[names]
+            return cache[names]
         except KeyError:
             pass
         except TypeError:  # unhashable names from a hostile caller
             raise DalMethodError(tuple(PathSegment(str(n)) for n in names), "bad path") from None
         resolved = resolve_path(self._services, names)
-        if len(self._resolved) < 10_000:
-            self._resolved[names] = resolved
+        if len(cache) < MAX_CACHED_RESOLUTIONS:
+            cache[names] = resolved
         return resolved
 
     def _call(self, path: tuple[PathSegment, ...], *args: Any, **kwargs: Any) -> Any:
@@ -264,15 +278,20 @@ class DataAccessLayer:
         c = active_lifecycle()
         if c is None or c.ctx is None:  # none, or one exited in another thread or task
             raise _no_context()
-        resolved = self._resolved.get(names)
+        # The generation cell first, then the cache and the chain: a registration
+        # replaces them before it bumps the cell, so what is read here is at least as
+        # new as the cell a command remembers below (never a stale fast path).
+        valid = self._valid
+        cache = self._resolved
+        resolved = cache.get(names)
         if resolved is None:
             try:
-                resolved = self._resolve(names)
+                resolved = self._resolve(names, cache)
             except DalMethodError:
                 resolved = None  # middleware may still handle it; the resolver raises otherwise
         if resolved is not None and self._direct and not resolved.is_async:
             if command is not None:  # next time the command calls the method itself
-                command._fast = (self._valid, resolved)
+                command._fast = (valid, resolved)
             method = getattr(resolved.service, resolved.method)
             observer = c.observer
             if observer is None:
@@ -387,6 +406,10 @@ class DataAccessLayer:
 
 _DAL = DataAccessLayer
 
+
+#: Most path resolutions one DAL caches (paths come from code; ``dal[untrusted]`` is
+#: bounded by MAX_DAL_PATH_LENGTH and this).
+MAX_CACHED_RESOLUTIONS = 10_000
 
 #: Most cached child commands per command (and top-level commands per DAL): attribute
 #: names come from code, but ``getattr(dal, untrusted)`` must not grow memory unbounded.
