@@ -383,7 +383,7 @@ class DataAccessLayer:
         command = commands.get(name)
         if command is None:
             command = _DalPath._from_names(self._call, (name,))
-            if len(commands) < _COMMAND_CACHE_SIZE:
+            if len(commands) < _COMMAND_CACHE_SIZE and _take_from_budget(self):
                 commands[name] = command
         return command
 
@@ -414,6 +414,20 @@ MAX_CACHED_RESOLUTIONS = 10_000
 #: Most cached child commands per command (and top-level commands per DAL): attribute
 #: names come from code, but ``getattr(dal, untrusted)`` must not grow memory unbounded.
 _COMMAND_CACHE_SIZE = 1000
+#: Most commands one DAL caches in all, at every depth (beyond it they are built per
+#: access: correct, only not remembered).
+MAX_CACHED_COMMANDS = 20_000
+
+
+def _take_from_budget(dal: Any) -> bool:
+    """Whether ``dal`` may cache one more command (and count it): at most
+    :data:`MAX_CACHED_COMMANDS` (a race between threads may overshoot by a few)."""
+    state = dal.__dict__
+    left: int = state.get("_command_budget", MAX_CACHED_COMMANDS)
+    if left <= 0:
+        return False
+    state["_command_budget"] = left - 1
+    return True
 
 
 class _DalPath(DalCommand):
@@ -442,7 +456,9 @@ class _DalPath(DalCommand):
             raise AttributeError(name)
         child = _DalPath._from_names(self._handler, (*self.names, name))
         children = self.__dict__
-        if len(children) < _COMMAND_CACHE_SIZE:  # bounded: names may come from getattr()
+        # Bounded per command and in total: names may come from getattr(dal, untrusted).
+        dal = self._handler.__self__  # type: ignore[attr-defined]
+        if len(children) < _COMMAND_CACHE_SIZE and _take_from_budget(dal):
             children[name] = child
         return child
 

@@ -127,3 +127,36 @@ def test_a_long_name_in_attribute_access_gives_a_short_message(dm: DataManager) 
     assert len(message) < 400
     assert message.startswith("Invalid dal method: jobs." + "x" * 75 + "…")
     assert message.endswith("…)")
+
+
+def test_the_command_caches_are_bounded_in_total() -> None:
+    """``getattr`` with untrusted names, spread over many levels, caches at most
+    MAX_CACHED_COMMANDS commands per DAL (the per-level bound alone let 300k names
+    grow memory by ~74 MB)."""
+    import tracemalloc
+
+    from polydatum.access import MAX_CACHED_COMMANDS
+
+    dm = DataManager()
+    dm.register_services(jobs=Jobs())
+
+    def cached(command: Any) -> int:
+        children = [v for v in command.__dict__.values() if hasattr(v, "names")]
+        return len(children) + sum(cached(child) for child in children)
+
+    with dm.dal() as dal:
+        tracemalloc.start()
+        try:
+            for i in range(300):  # 300 parents x 1,000 children: 300,000 names
+                parent = getattr(dal, f"p{i}")
+                for j in range(1000):
+                    getattr(parent, f"n{j}")
+            grown, _ = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        top = dal.__dict__["_commands"]
+        total = len(top) + sum(cached(command) for command in top.values())
+        assert total == MAX_CACHED_COMMANDS
+        assert grown < 20_000_000, f"{grown} bytes kept"
+        assert dal.jobs.run("x") == "ran x"  # and the DAL still works, cached or not
+        assert dal.p299.n999.names == ("p299", "n999")
