@@ -201,17 +201,55 @@ def _add_inspect(sub: Any) -> None:
 SUBCOMMANDS: list[Callable[[Any], None]] = [_add_inspect]
 
 
+#: The subcommands that need extras: module defining ``register_cli``, then the
+#: command, its help and the extras it needs (named when the module cannot be imported).
+OPTIONAL_SUBCOMMANDS: list[tuple[str, str, str, str]] = [
+    (
+        "polydatum.waterfall",
+        "trace",
+        "run one DAL call in a fresh context and print its waterfall",
+        "cli,sdk",
+    ),
+    (
+        "polydatum.demo.cli",
+        "demo",
+        "run the example bookstore and show its telemetry",
+        "cli,sdk,sql",
+    ),
+]
+
+
 def _optional_subcommands() -> list[Callable[[Any], None]]:
-    found = []
-    for module_name in ("polydatum.demo.cli", "polydatum.waterfall"):
+    found: list[Callable[[Any], None]] = []
+    for module_name, command, help_text, extras in OPTIONAL_SUBCOMMANDS:
         try:
             module = importlib.import_module(module_name)
-        except ImportError:
+        except ImportError as error:
+            found.append(_missing_extra(command, help_text, extras, error))
             continue
         register = getattr(module, "register_cli", None)
         if callable(register):
             found.append(register)
     return found
+
+
+def _missing_extra(
+    command: str, help_text: str, extras: str, error: ImportError
+) -> Callable[[Any], None]:
+    """A registrar for ``command`` whose run says which extra to install."""
+    missing = error.name or str(error)
+
+    def run(args: argparse.Namespace) -> int:
+        raise CliError(
+            f"polydatum {command} needs {missing}, which is not installed: "
+            f"pip install 'polydatum[{extras}]'"
+        )
+
+    def register(sub: Any) -> None:
+        p = sub.add_parser(command, help=f"{help_text} (needs polydatum[{extras}])")
+        p.set_defaults(func=run, takes_any_arguments=True)
+
+    return register
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -227,7 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``polydatum`` console script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "takes_any_arguments", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         result: int = args.func(args)
     except CliError as error:

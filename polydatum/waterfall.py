@@ -677,6 +677,13 @@ def cmd_trace(args: argparse.Namespace) -> int:
         parse_call(args.call)
     except CallSpecError as problem:
         raise CliError(str(problem)) from None
+    try:
+        import opentelemetry.sdk.trace  # noqa: F401 - the spans are captured with the SDK
+    except ImportError:
+        raise CliError(
+            "polydatum trace needs the OpenTelemetry SDK, which is not installed: "
+            "pip install 'polydatum[cli,sdk]'"
+        ) from None
     _quiet_logging()
     step, result, error = run_trace(dm, args.call, meta)
     if step is None:

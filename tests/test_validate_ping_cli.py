@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -267,3 +268,44 @@ def test_console_script_is_installed() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout == EXPECTED_INSPECT
+
+
+MINIMAL_INSTALL = """
+import sys
+# What a bare `pip install polydatum` lacks (the extras), made unimportable.
+for name in ("rich", "opentelemetry.sdk", "sqlalchemy", "fastapi", "flask", "celery"):
+    sys.modules[name] = None
+from polydatum.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def run_minimal(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "bare_app.py").write_text("from polydatum import DataManager\ndm = DataManager()\n")
+    return subprocess.run(
+        [sys.executable, "-c", MINIMAL_INSTALL, *args],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_every_subcommand_exists_in_a_minimal_install_and_names_its_extra(
+    tmp_path: Path,
+) -> None:
+    listed = run_minimal(tmp_path, "--help")
+    assert listed.returncode == 0, listed.stderr
+    assert "{inspect,trace,demo}" in listed.stdout
+    demo = run_minimal(tmp_path, "demo", "--requests", "3")
+    assert (demo.returncode, demo.stdout) == (2, "")
+    assert demo.stderr.startswith("polydatum: error: polydatum demo needs ")
+    assert demo.stderr.endswith(", which is not installed: pip install 'polydatum[cli,sdk,sql]'\n")
+    trace = run_minimal(tmp_path, "trace", "bare_app:dm", "books.get(1)")
+    assert (trace.returncode, trace.stdout) == (2, "")
+    assert trace.stderr == (
+        "polydatum: error: polydatum trace needs the OpenTelemetry SDK, which is not "
+        "installed: pip install 'polydatum[cli,sdk]'\n"
+    )
+    inspected = run_minimal(tmp_path, "inspect", "bare_app:dm")
+    assert inspected.returncode == 0, inspected.stderr
+    wrong = run_minimal(tmp_path, "inspect", "bare_app:dm", "--bogus")
+    assert wrong.returncode == 2
+    assert wrong.stderr.endswith("polydatum: error: unrecognized arguments: --bogus\n")
