@@ -480,9 +480,22 @@ def limit_export_warnings() -> OncePerMessage:
     return _export_filter
 
 
+#: The ``service.name`` of :func:`setup_local_sdk` when neither the code nor the
+#: environment (``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``) names the service.
+DEFAULT_SERVICE_NAME = "polydatum-app"
+
+#: The environment variables that configure where OTLP exporters send (the exporters
+#: read them, with the headers, timeouts and certificates that go with them).
+OTLP_ENDPOINT_VARIABLES = (
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+)
+
+
 def setup_local_sdk(
     *,
-    service_name: str = "polydatum-app",
+    service_name: str | None = None,
     otlp_endpoint: str | None = None,
     span_exporter: Any = None,
     metric_readers: Sequence[Any] = (),
@@ -490,9 +503,14 @@ def setup_local_sdk(
 ) -> tuple[TracerProvider, MeterProvider]:
     """Create an OpenTelemetry SDK tracer and meter provider for local use.
 
-    Needs the ``sdk`` extra. With ``otlp_endpoint`` (``http://host:4318``) traces and
-    metrics go over OTLP/HTTP; with ``span_exporter`` spans go there (batched). Sets
-    the global providers unless ``set_global`` is false. Returns both providers.
+    Needs the ``sdk`` extra. The OpenTelemetry environment is honoured, never
+    overridden: the service is ``service_name`` when given, else what
+    ``OTEL_SERVICE_NAME`` / ``OTEL_RESOURCE_ATTRIBUTES`` say, else
+    ``polydatum-app``. Traces and metrics go over OTLP/HTTP to ``otlp_endpoint``
+    (a base URL, ``http://host:4318``) when given, else, when an
+    ``OTEL_EXPORTER_OTLP_*ENDPOINT`` variable is set, to where the exporters read
+    from the environment (with its headers). With ``span_exporter`` spans also go there
+    (batched). Sets the global providers unless ``set_global`` is false. Returns both.
     """
     try:
         from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
@@ -505,21 +523,27 @@ def setup_local_sdk(
         ) from error
 
     limit_export_warnings()
-    resource = Resource.create({"service.name": service_name})
+    resource = Resource.create({} if service_name is None else {"service.name": service_name})
+    if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
+        resource = resource.merge(Resource({"service.name": DEFAULT_SERVICE_NAME}))
     tracer_provider = SdkTracerProvider(resource=resource)
     readers = list(metric_readers)
-    if otlp_endpoint:
+    from_environment = any(os.environ.get(name) for name in OTLP_ENDPOINT_VARIABLES)
+    if otlp_endpoint or from_environment:
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
-        base = otlp_endpoint.rstrip("/")
-        tracer_provider.add_span_processor(
-            BatchSpanProcessor(OTLPSpanExporter(endpoint=f"{base}/v1/traces"))
-        )
-        readers.append(
-            PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=f"{base}/v1/metrics"))
-        )
+        if otlp_endpoint:  # the exporters take a signal's own URL
+            base = otlp_endpoint.rstrip("/")
+            spans, metrics = (
+                OTLPSpanExporter(endpoint=f"{base}/v1/traces"),
+                OTLPMetricExporter(endpoint=f"{base}/v1/metrics"),
+            )
+        else:
+            spans, metrics = OTLPSpanExporter(), OTLPMetricExporter()
+        tracer_provider.add_span_processor(BatchSpanProcessor(spans))
+        readers.append(PeriodicExportingMetricReader(metrics))
     if span_exporter is not None:
         tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter))
     meter_provider = SdkMeterProvider(resource=resource, metric_readers=readers)

@@ -19,7 +19,7 @@ from opentelemetry.semconv.attributes import (
 )
 from opentelemetry.semconv.schemas import Schemas
 
-from polydatum import Service
+from polydatum import DataManager, Service
 from polydatum.compat import PLAIN_SUPPRESSION_KEY, find_suppression_keys, suppression_keys
 from polydatum.telemetry import INSTRUMENTATION_NAME, SCHEMA_URL
 from polydatum.testing import TelemetryCapture
@@ -122,3 +122,89 @@ def test_the_schema_url_is_a_published_version_defining_the_attribute_names() ->
     assert error_attributes.ERROR_TYPE == "error.type"
     assert server_attributes.SERVER_ADDRESS == "server.address"
     assert server_attributes.SERVER_PORT == "server.port"
+
+
+# ------------------------------------------------- setup_local_sdk and the environment
+
+OTEL_VARIABLES = (
+    "OTEL_SERVICE_NAME",
+    "OTEL_RESOURCE_ATTRIBUTES",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_HEADERS",
+)
+
+
+@pytest.fixture
+def clean_otel_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in OTEL_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+@pytest.mark.parametrize(
+    ("environment", "argument", "expected"),
+    [
+        ({}, None, "polydatum-app"),
+        ({"OTEL_SERVICE_NAME": "shop"}, None, "shop"),
+        ({"OTEL_RESOURCE_ATTRIBUTES": "service.name=shelf,team=books"}, None, "shelf"),
+        ({"OTEL_SERVICE_NAME": "shop"}, "from-code", "from-code"),
+    ],
+)
+def test_setup_local_sdk_honours_the_service_name_of_the_environment(
+    clean_otel_env: pytest.MonkeyPatch,
+    environment: dict[str, str],
+    argument: str | None,
+    expected: str,
+) -> None:
+    from polydatum.telemetry import setup_local_sdk
+
+    for name, value in environment.items():
+        clean_otel_env.setenv(name, value)
+    tracer_provider, meter_provider = setup_local_sdk(service_name=argument, set_global=False)
+    try:
+        assert tracer_provider.resource.attributes["service.name"] == expected
+    finally:
+        tracer_provider.shutdown()
+        meter_provider.shutdown()
+
+
+def test_setup_local_sdk_exports_where_the_environment_says(
+    clean_otel_env: pytest.MonkeyPatch,
+) -> None:
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from polydatum.telemetry import setup_local_sdk
+
+    received: list[tuple[str, str | None]] = []
+
+    class Collector(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            received.append((self.path, self.headers.get("x-team")))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    clean_otel_env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+    clean_otel_env.setenv("OTEL_EXPORTER_OTLP_HEADERS", "x-team=books")
+    tracer_provider, meter_provider = setup_local_sdk(set_global=False)
+    try:
+        dm = DataManager(tracer_provider=tracer_provider, meter_provider=meter_provider)
+        dm.register_services(books=Books())
+        with dm.dal() as dal:
+            dal.books.title(1)
+        assert tracer_provider.force_flush()
+        assert meter_provider.force_flush()
+    finally:
+        tracer_provider.shutdown()
+        meter_provider.shutdown()
+        server.shutdown()
+    assert ("/v1/traces", "books") in received
+    assert ("/v1/metrics", "books") in received
