@@ -22,6 +22,7 @@ import pytest
 
 from polydatum import DataManager, Service, telemetry
 from polydatum.testing import TelemetryCapture
+from polydatum.version import __version__ as POLYDATUM_VERSION
 
 ROOT = Path(__file__).resolve().parent.parent
 DIST = ROOT / "instrumentation" / "opentelemetry-instrumentation-polydatum"
@@ -110,7 +111,7 @@ def run_app(installed: Path, tmp_path: Path, *, wrapper: bool, **env: str) -> di
 def test_entry_point_and_metadata(installed: Path) -> None:
     (dist,) = metadata.distributions(path=[str(installed)])
     assert dist.metadata["Name"] == "opentelemetry-instrumentation-polydatum"
-    assert dist.version == "2.0.0.dev0"
+    assert dist.version == POLYDATUM_VERSION
     (entry,) = [e for e in dist.entry_points if e.group == "opentelemetry_instrumentor"]
     assert (entry.name, entry.value) == (
         "polydatum",
@@ -119,7 +120,7 @@ def test_entry_point_and_metadata(installed: Path) -> None:
     assert dist.requires == [
         "opentelemetry-api>=1.20",
         "opentelemetry-instrumentation>=0.41b0",
-        "polydatum>=2.0.0.dev0; extra == 'instruments'",
+        f"polydatum>={POLYDATUM_VERSION}; extra == 'instruments'",
     ]
 
 
@@ -145,7 +146,9 @@ class Books(Service):
 
 def test_instrument_and_uninstrument_in_process(on_path: Any) -> None:
     instrumentor = on_path()
-    assert list(instrumentor.instrumentation_dependencies()) == ["polydatum >= 2.0.0.dev0"]
+    assert list(instrumentor.instrumentation_dependencies()) == [
+        f"polydatum >= {POLYDATUM_VERSION}"
+    ]
     from opentelemetry.instrumentation.dependencies import get_dependency_conflicts
 
     assert get_dependency_conflicts(instrumentor.instrumentation_dependencies()) is None
@@ -187,3 +190,20 @@ def test_instrument_with_providers(on_path: Any) -> None:
         assert own.tree() == [("polydatum.context", [("books.get", [])])]
         (point,) = cap.metrics("polydatum.service.duration")
         assert point.attributes == {"polydatum.service.path": "books.get"}
+
+
+def test_the_instrumentation_follows_polydatums_version() -> None:
+    """polydatum/version.py is the one source: the instrumentation distribution's
+    version and the polydatum it requires are written to match it, checked here (a
+    release bumps all three, or this fails)."""
+    import tomllib
+
+    package = DIST / "src" / "opentelemetry" / "instrumentation" / "polydatum"
+    scope: dict[str, Any] = {}
+    exec((package / "version.py").read_text(), scope)
+    assert scope["__version__"] == POLYDATUM_VERSION
+    scope = {}
+    exec((package / "package.py").read_text(), scope)
+    assert scope["_instruments"] == (f"polydatum >= {POLYDATUM_VERSION}",)
+    project = tomllib.loads((DIST / "pyproject.toml").read_text())["project"]
+    assert project["optional-dependencies"]["instruments"] == [f"polydatum>={POLYDATUM_VERSION}"]
