@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import sql_backends
-from opentelemetry.sdk.trace import SpanProcessor
+from span_faults import RaisingProcessor
 from sql_backends import REPO_ROOT, Backend, checked_out, worker_env
 from sqlalchemy import (
     Column,
@@ -635,24 +635,6 @@ def test_as_many_threads_as_pool_connections_use_the_session_and_the_safe(
     assert stored_notes(backend) == {i: f"thread {i}" for i in range(size)}
     assert stored_safe(sql, "threads") == [("n", size)]
     assert checked_out(sql.db.engine) == 0
-
-
-class RaisingProcessor(SpanProcessor):
-    """A span processor that raises in ``on_start`` or ``on_end``."""
-
-    def __init__(self, where: str) -> None:
-        self.where = where
-        self.calls = 0
-
-    def on_start(self, span: Any, parent_context: Any = None) -> None:
-        if self.where == "on_start":
-            self.calls += 1
-            raise RuntimeError("processor on_start exploded")
-
-    def on_end(self, span: Any) -> None:
-        if self.where == "on_end":
-            self.calls += 1
-            raise RuntimeError("processor on_end exploded")
 
 
 @pytest.mark.parametrize("where", ["on_start", "on_end"])

@@ -23,8 +23,9 @@ import pytest
 import structlog
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from span_faults import RaisingProcessor as Raising
 
 from polydatum import DataManager, Service, get_active_context
 from polydatum import telemetry as polydatum_telemetry
@@ -222,24 +223,6 @@ def test_a_full_export_queue_drops_spans_not_requests(caplog: pytest.LogCaptureF
     full = [r for r in caplog.records if r.msg == QUEUE_FULL]
     # The SDK reports it at most once per 20 s (its own DuplicateFilter), never per span.
     assert len(full) <= 1
-
-
-class Raising(SpanProcessor):
-    """A span processor that raises in ``on_start`` or ``on_end``."""
-
-    def __init__(self, where: str) -> None:
-        self.where = where
-        self.calls = 0
-
-    def on_start(self, span: Any, parent_context: Any = None) -> None:
-        if self.where == "on_start":
-            self.calls += 1
-            raise RuntimeError("processor on_start exploded")
-
-    def on_end(self, span: Any) -> None:
-        if self.where == "on_end":
-            self.calls += 1
-            raise RuntimeError("processor on_end exploded")
 
 
 @pytest.mark.parametrize("where", ["on_start", "on_end"])
