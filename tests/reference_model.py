@@ -51,12 +51,29 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal
 
-FaultKind = Literal["error", "interrupt", "cancel"]
+FaultKind = Literal["error", "hostile", "interrupt", "cancel"]
+#: A span processor that raises in ``on_start`` or ``on_end`` while the scenario runs
+#: (it is the last processor: the exporter and the span tracker have seen the span).
+ProcessorFault = Literal["none", "on_start", "on_end"]
 CONTEXT_SPAN = "polydatum.context"
 
 
 class InjectedError(Exception):
     """An ordinary application error injected by a scenario."""
+
+
+class HostileError(InjectedError):
+    """An application error that is hostile to whoever records it: its ``__str__``
+    raises (one that formats ``None`` is enough) and its ``__cause__`` is itself, a cycle
+    a naive walk of the chain never leaves. To the lifecycle it is an ordinary error."""
+
+    def __init__(self, label: str) -> None:
+        super().__init__(label)
+        self.label = label
+        self.__cause__ = self
+
+    def __str__(self) -> str:
+        raise TypeError("unsupported format string passed to NoneType.__format__")
 
 
 class InjectedInterrupt(KeyboardInterrupt):
@@ -102,6 +119,7 @@ class Scenario:
     policy: Literal["record", "raise"] = "record"
     telemetry: bool = True
     nested: bool = False  # run inside an outer, unrelated context
+    processor: ProcessorFault = "none"  # the lifecycle's semantics do not depend on it
 
     def resource(self, name: str) -> ResourceSpec:
         return next(r for r in self.resources if r.name == name)
@@ -123,7 +141,7 @@ class Err:
     def is_exception(self) -> bool:
         """Whether it is an ``Exception`` (not only a ``BaseException``)."""
         if self.kind is not None:
-            return self.kind == "error"
+            return self.kind in ("error", "hostile")
         return True
 
 

@@ -3,8 +3,10 @@
 Hypothesis generates scenarios (:class:`reference_model.Scenario`): up to four sync
 or async middleware and up to four sync or async resources, resources created from
 middleware setup, from the block and from middleware teardown, and a failure at
-any step -- raising (an ``Exception``, a ``KeyboardInterrupt`` or a real asyncio
-cancellation), never yielding, yielding twice, suppressing, replacing. Each scenario
+any step -- raising (an ``Exception``, a hostile one whose ``__str__`` raises and
+whose cause is itself, a ``KeyboardInterrupt`` or a real asyncio cancellation), never
+yielding, yielding twice, suppressing, replacing -- and, around some scenarios, a span
+processor raising in ``on_start`` or ``on_end``. Each scenario
 runs on a real DataManager with in-memory telemetry and is compared with what
 :func:`reference_model.predict` says, which was written from DESIGN.md §2 alone:
 
@@ -14,7 +16,10 @@ runs on a real DataManager with in-memory telemetry and is compared with what
 * every suppressed resource teardown error in ``get_resource_exit_errors()``, on its
   teardown span, as a warning log event and in the teardown-error counter;
 * every span ended, complete (one trace, every parent present), with the right
-  parent, status, ``polydatum.outcome``, ``error.type`` and exception event;
+  parent, status, ``polydatum.outcome``, ``error.type`` and exception event; a hostile
+  error's message recorded as its placeholder; with a processor raising in ``on_start``
+  every span polydatum tried to start lost (and nothing else), in ``on_end`` every
+  span still exported exactly;
 * the current span and the active polydatum context restored afterwards.
 
 Scenarios per run: ``SYNC_EXAMPLES + ASYNC_EXAMPLES`` (plus the explicit examples).
@@ -39,6 +44,7 @@ from reference_model import (
     Err,
     Expected,
     FaultKind,
+    HostileError,
     InjectedError,
     InjectedInterrupt,
     MiddlewareSpec,
@@ -47,6 +53,7 @@ from reference_model import (
     SpanSpec,
     predict,
 )
+from span_faults import RaisingProcessor
 
 from polydatum import DataManager, State, get_active_context
 from polydatum import telemetry as polydatum_telemetry
@@ -68,6 +75,7 @@ def type_name(cls: type[BaseException]) -> str:
 
 FAULT_TYPES: dict[str, str] = {
     "error": type_name(InjectedError),
+    "hostile": type_name(HostileError),
     "interrupt": type_name(InjectedInterrupt),
     "cancel": type_name(asyncio.CancelledError),
 }
@@ -96,6 +104,8 @@ class Harness:
         error: BaseException
         if kind == "error":
             error = InjectedError(label)
+        elif kind == "hostile":
+            error = HostileError(label)
         elif kind == "interrupt":
             error = InjectedInterrupt(label)
         else:
@@ -382,10 +392,13 @@ def span_row(spec: SpanSpec, recorded: bool) -> tuple[object, ...]:
 
 @dataclass
 class Capture:
-    """The shared capture and its open-span tracker."""
+    """The shared capture, its open-span tracker and the processor that raises on
+    demand (``where`` is ``"none"`` outside a scenario that asks for it)."""
 
     cap: TelemetryCapture
     tracker: OpenSpans
+    raising: RaisingProcessor
+    lost: int = 0  # spans whose on_start raised: started, never ended
 
     def teardown_error_counts(self) -> dict[tuple[Any, Any], float]:
         return {
@@ -405,12 +418,15 @@ def check(s: Scenario, expected: Expected, h: Harness, capture: Capture, run: An
     if outer is not None:
         outer.__enter__()
     with tracer.start_as_current_span("scenario") as root:
+        started, ended = tracker.started, tracker.ended
         if not s.telemetry:
             # Nothing records: the lifecycle takes its idle fast path.
             polydatum_telemetry.disable()
+        capture.raising.where = s.processor
         try:
             ctx, escaped = run()
         finally:
+            capture.raising.where = "none"
             polydatum_telemetry.enable()
         assert h.idle_seen == {not s.telemetry}, f"idle as seen inside: {h.idle_seen}"
         assert trace.get_current_span() is root, "the current span was not restored"
@@ -451,7 +467,14 @@ def check(s: Scenario, expected: Expected, h: Harness, capture: Capture, run: An
     want = Counter((name, expected_type(err)) for name, err in expected.recorded)
     assert {k: v for k, v in counted.items() if v} == {k: float(v) for k, v in want.items()}
     # ... and the spans: every one ended, one complete trace, exact rows
-    assert tracker.started == tracker.ended, "a span was started and never ended"
+    if s.processor == "on_start":
+        # Every span polydatum tried to start was lost, and nothing but spans.
+        capture.lost += tracker.started - started
+        assert cap.names() == ["scenario"]
+        # (the one span ended since is the scenario's own)
+        assert (tracker.started - started, tracker.ended - ended) == (len(expected.spans), 1)
+        return
+    assert tracker.started == tracker.ended + capture.lost, "a span was started, never ended"
     records = cap.spans()
     ids = {r.span_id for r in records}
     assert {r.trace_id for r in records} == {root.get_span_context().trace_id}
@@ -473,6 +496,13 @@ def check(s: Scenario, expected: Expected, h: Harness, capture: Capture, run: An
         key=repr,
     )
     assert actual_rows == sorted(span_rows(expected.spans), key=repr)
+    # A hostile error's message is its placeholder, in the status and in the event.
+    unprintable = f"<unprintable {HostileError.__name__}>"
+    for span in cap.exporter.get_finished_spans():
+        if (span.attributes or {}).get("error.type") == FAULT_TYPES["hostile"]:
+            assert span.status.description == unprintable
+            messages = {e.attributes.get("exception.message") for e in span.events if e.attributes}
+            assert messages <= {unprintable}
     context = cap.span(CONTEXT_SPAN)
     if expected.recorded:
         assert context.attributes["polydatum.teardown_errors"] == len(expected.recorded)
@@ -486,7 +516,7 @@ def check(s: Scenario, expected: Expected, h: Harness, capture: Capture, run: An
 
 # ---------------------------------------------------------------------------- strategies
 
-FAULTS = st.sampled_from(["error", "error", "interrupt", "cancel"])
+FAULTS = st.sampled_from(["error", "error", "hostile", "interrupt", "cancel"])
 
 
 @st.composite
@@ -536,6 +566,7 @@ def scenarios(draw: st.DrawFn, is_async: bool) -> Scenario:
         policy=draw(st.sampled_from(["record", "record", "raise"])),
         telemetry=draw(st.sampled_from([True, True, True, False])),
         nested=draw(st.booleans()),
+        processor=draw(st.sampled_from(["none", "none", "none", "on_start", "on_end"])),
     )
 
 
@@ -584,8 +615,11 @@ def capture() -> Iterator[Capture]:
     with TelemetryCapture() as cap:
         tracker = OpenSpans()
         cap.tracer_provider.add_span_processor(tracker)
-        yield Capture(cap, tracker)
-    assert tracker.started == tracker.ended
+        raising = RaisingProcessor("none")
+        cap.tracer_provider.add_span_processor(raising)  # last: after exporter and tracker
+        capture = Capture(cap, tracker, raising)
+        yield capture
+    assert tracker.started == tracker.ended + capture.lost
 
 
 @pytest.fixture(scope="module")
