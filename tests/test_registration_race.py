@@ -42,45 +42,70 @@ def fast_switching() -> Iterator[None]:
 
 
 class Traffic:
-    """Worker threads calling the DAL until paused; they hold at :meth:`pause`."""
+    """Worker threads calling the DAL until paused; they hold at :meth:`pause`.
+
+    One condition guards the pause: a worker counts itself held and waits for the
+    next resume generation under the same lock, so a resume followed at once by the
+    next pause can never be missed (with an Event and a semaphore it could: a worker
+    that had released but not yet started waiting slept through both).
+    """
 
     def __init__(self, dm: DataManager, call: Callable[[Any], Any]) -> None:
         self.dm = dm
         self.call = call
-        self.running = threading.Event()
-        self.running.set()
+        self.cond = threading.Condition()
+        self.pausing = False
+        self.generation = 0
+        self.held = 0
         self.stopped = False
-        self.held = threading.Semaphore(0)
         self.errors: list[BaseException] = []
         self.threads = [threading.Thread(target=self._work) for _ in range(WORKERS)]
         for thread in self.threads:
             thread.start()
 
     def _work(self) -> None:
-        while not self.stopped:
-            if not self.running.is_set():
-                self.held.release()
-                self.running.wait()
-                continue
+        while True:
+            with self.cond:
+                if self.stopped:
+                    return
+                if self.pausing:
+                    self.held += 1
+                    self.cond.notify_all()
+                    generation = self.generation
+                    self.cond.wait_for(lambda: self.generation != generation or self.stopped)
+                    continue
             try:
                 with self.dm.dal() as dal:
                     for _ in range(20):
                         self.call(dal)
             except BaseException as error:
-                self.errors.append(error)
+                with self.cond:
+                    self.errors.append(error)
+                    self.cond.notify_all()
                 return
 
     def pause(self) -> None:
-        self.running.clear()
-        for _ in self.threads:
-            self.held.acquire()
+        with self.cond:
+            self.pausing = True
+            self.held = 0
+            # Bounded: a worker that never reaches its pause point fails the test
+            # instead of hanging the run.
+            paused = self.cond.wait_for(
+                lambda: self.held + len(self.errors) == WORKERS, timeout=60
+            )
+            assert paused, f"workers never paused: {self.held} held, errors {self.errors}"
+            assert self.errors == []
 
     def resume(self) -> None:
-        self.running.set()
+        with self.cond:
+            self.pausing = False
+            self.generation += 1
+            self.cond.notify_all()
 
     def stop(self) -> None:
-        self.stopped = True
-        self.running.set()
+        with self.cond:
+            self.stopped = True
+            self.cond.notify_all()
         for thread in self.threads:
             thread.join()
 
