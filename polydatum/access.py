@@ -31,7 +31,9 @@ from polydatum.middleware import (
     Resolved,
     dal_method_resolver_middleware,
     handle_dal_method,
+    method_function,
     resolve_path,
+    service_method,
 )
 from polydatum.services import Service, check_service
 
@@ -60,27 +62,24 @@ def _no_context() -> NoActiveContextError:
 
 
 class _ServiceAttribute:
-    """``dal.<service>`` for a registered service, found on the DAL's own class.
-
-    The first hop of a DAL path would otherwise go through ``__getattr__``, after a
-    failed look-up that builds and discards an ``AttributeError`` (benchmarks/README.md,
-    "Why the core looks the way it does"). Same result and the same check (a context
-    must be active) as ``__getattr__``.
+    """``dal.<service>``: the registered Service object itself (polydatum 0.9.1's
+    ``dal.users is users``), found on the DAL's own class rather than through
+    ``__getattr__`` (a failed look-up first builds and discards an ``AttributeError``,
+    benchmarks/README.md). Its public methods are the DAL's commands for them (see
+    :meth:`DataAccessLayer._route`), so calls through it run the method middleware and
+    are traced. Reading it needs no active context; calling a method does.
     """
 
-    __slots__ = ("command", "name")
+    __slots__ = ("name",)
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.command: DalCommand | None = None  # the DAL's command for name, once made
 
     def __get__(self, dal: DataAccessLayer | None, owner: type | None = None) -> Any:
         if dal is None:
             return self
-        command = self.command
-        if command is None or (c := active_lifecycle()) is None or c.ctx is None:
-            command = self.command = dal._command(self.name)  # raises outside a context
-        return command
+        service = dal._services.get(self.name)
+        return dal._command(self.name) if service is None else service
 
 
 class DataAccessLayer:
@@ -93,7 +92,7 @@ class DataAccessLayer:
 
     def __init__(
         self,
-        data_manager: DataManager | None,
+        data_manager: DataManager[Any] | None,
         middleware: Iterable[Any] | None = None,
         default_middleware: Iterable[Any] | None = (dal_method_resolver_middleware,),
         handler: Callable[[DalCommandRequest], Any] = handle_dal_method,
@@ -205,7 +204,11 @@ class DataAccessLayer:
     def _init_service(self, key: str, service: Service) -> Service:
         check_service(key, service)
         service.setup(self._data_manager)
+        replaced = self._services.get(key)
+        if replaced is not None and replaced is not service:
+            _unroute(replaced)  # its methods are its own again
         self._services[key] = service
+        self._route(service, (key,))
         cls = type(self)
         if (
             cls.__dict__.get("_services_class")
@@ -215,6 +218,25 @@ class DataAccessLayer:
             setattr(cls, key, _ServiceAttribute(key))  # never over the DAL's own attributes
         self._invalidate()
         return service
+
+    def _route(self, service: Service, names: tuple[str, ...]) -> None:
+        """Make each public method of ``service`` (registered at ``names``) and of its
+        sub-services, as seen on the instance, the DAL's command for it.
+
+        So ``dal.users.get`` -- ``dal.users`` being the Service object -- and
+        ``self.get`` inside the service are calls through the DAL: method middleware,
+        tracing and the active-context check apply, and the command calls the method
+        its class defines (:func:`~polydatum.middleware.service_method`). What the
+        application set on the instance itself is left alone.
+        """
+        state = service.__dict__
+        state["_dal_path"] = names
+        for attr, _ in public_methods(service):
+            if not isinstance(state.get(attr, _ROUTABLE), _DalPath | _Routable):
+                continue  # the application's own instance attribute
+            state[attr] = _DalPath._from_names(self._call, (*names, attr))
+        for key, sub in (state.get("_services") or {}).items():
+            self._route(sub, (*names, key))
 
     def _invalidate(self) -> None:
         """Forget every cached resolution (a service was registered or replaced).
@@ -292,7 +314,7 @@ class DataAccessLayer:
         if resolved is not None and self._direct and not resolved.is_async:
             if command is not None:  # next time the command calls the method itself
                 command._fast = (valid, resolved)
-            method = getattr(resolved.service, resolved.method)
+            method = service_method(resolved.service, resolved.method)
             observer = c.observer
             if observer is None:
                 return method(*args, **kwargs)
@@ -308,7 +330,7 @@ class DataAccessLayer:
             path = tuple(PathSegment(n) for n in names)
         request = DalCommandRequest(c.ctx, path, args, kwargs)
         if resolved is not None:
-            request.dal_method = getattr(resolved.service, resolved.method)
+            request.dal_method = service_method(resolved.service, resolved.method)
             request._resolved_path = path
             if resolved.is_async:
                 if not c.is_async:
@@ -371,10 +393,8 @@ class DataAccessLayer:
         return self._command(name)
 
     def _command(self, name: str) -> DalCommand:
-        """The command for ``dal.<name>``; ``dal.<name>`` needs an active context (0.9.1)."""
-        c = active_lifecycle()
-        if c is None or c.ctx is None:  # none, or one exited in another thread or task
-            raise _no_context()
+        """The command for ``dal.<name>`` (a name that is no registered service): built
+        with or without an active context; calling it needs one (polydatum 1.0)."""
         # Commands are immutable: the DAL hands out one per name (bounded), so that
         # ``dal.users.get(7)`` allocates no command objects on the hot path.
         commands: dict[str, DalCommand] | None = self.__dict__.get("_commands")
@@ -473,10 +493,10 @@ class _DalPath(DalCommand):
                 target = fast[1]
                 observer = c.observer
                 if observer is None:
-                    return getattr(target.service, target.method)(*args, **kwargs)
+                    return service_method(target.service, target.method)(*args, **kwargs)
                 step = observer.call_started(target.path, target.function)
                 try:
-                    result = getattr(target.service, target.method)(*args, **kwargs)
+                    result = service_method(target.service, target.method)(*args, **kwargs)
                 except BaseException as error:
                     observer.call_finished(step, error)
                     raise
@@ -487,25 +507,38 @@ class _DalPath(DalCommand):
 
 
 def public_methods(service: Any) -> list[tuple[str, Any]]:
-    """``(name, function)`` of each method the DAL reaches on ``service``, found
-    statically: a descriptor (a property, a ServiceSafe, ...) may need an active
-    context, and inspecting a registration must not run application code."""
+    """``(name, function)`` of each method the DAL reaches on ``service``, found on its
+    classes without running application code (a descriptor -- a property, a
+    ServiceSafe -- may need an active context): the same rule as the resolver's."""
     found = []
     subs = service.__dict__.get("_services") or {}
-    base = dir(Service)
-    for attr in dir(type(service)):
+    cls = type(service)
+    for attr in dir(cls):
         if attr.startswith("_") or attr in subs:
             continue
-        if attr in base and attr not in type(service).__dict__:
-            continue
-        static = inspect.getattr_static(service, attr)
-        if isinstance(static, (staticmethod, classmethod)):
-            static = static.__func__
-        if inspect.isfunction(static) or (
-            callable(static) and not hasattr(type(static), "__get__")
-        ):
-            found.append((attr, static))
+        function = method_function(cls, attr)
+        if function is not None:
+            found.append((attr, function))
     return found
+
+
+class _Routable:
+    """The mark for "no instance attribute of that name" in :meth:`DataAccessLayer._route`."""
+
+
+_ROUTABLE = _Routable()
+
+
+def _unroute(service: Service) -> None:
+    """Undo :meth:`DataAccessLayer._route` (the service was replaced by another)."""
+    state = service.__dict__
+    if state.pop("_dal_path", None) is None:
+        return
+    for attr, value in list(state.items()):
+        if isinstance(value, _DalPath):
+            del state[attr]
+    for sub in (state.get("_services") or {}).values():
+        _unroute(sub)
 
 
 def is_async_callable(obj: Any) -> bool:

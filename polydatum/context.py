@@ -24,7 +24,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, Protocol, Self
+
+from typing_extensions import TypeVar
 
 from polydatum.lifecycle import CREATING, ExcInfo, Lifecycle, LifecycleHost, State, active_lifecycle
 from polydatum.meta import Meta, meta_of
@@ -34,6 +36,8 @@ if TYPE_CHECKING:
     from polydatum.lifecycle import ContextObserver
 
 __all__ = [
+    "DalScope",
+    "DalT",
     "DataAccessContext",
     "Meta",
     "add_resource_attribute",
@@ -44,6 +48,14 @@ __all__ = [
 ]
 
 _EMPTY_META = Meta()
+
+#: The static type of a DataManager's DAL: ``DataAccessLayer`` unless the application
+#: declares its services (``DataManager[AppServices]``, ``AppServices`` a Protocol with
+#: one attribute per service: then ``dal.notes`` is ``Notes`` and a misspelt service or
+#: method is a type error). Only the type checker sees it: at run time ``dal.notes`` is
+#: the registered service either way.
+DalT = TypeVar("DalT", default="DataAccessLayer")
+_DalT_co = TypeVar("_DalT_co", covariant=True, default="DataAccessLayer")
 
 
 def get_active_context() -> DataAccessContext | None:
@@ -87,7 +99,7 @@ class _ResourceAttribute:
         return c.reread(name)
 
 
-def context_class_for(base: type[DataAccessContext], resources: Iterable[str]) -> type[Any]:
+def context_class_for(base: type[DataAccessContext[Any]], resources: Iterable[str]) -> type[Any]:
     """A subclass of ``base`` of one DataManager's own, with a :class:`_ResourceAttribute`
     per resource (more are added by :func:`add_resource_attribute`). Same name, same
     behaviour: only faster to reach the resources."""
@@ -101,13 +113,13 @@ def context_class_for(base: type[DataAccessContext], resources: Iterable[str]) -
     return cls
 
 
-def add_resource_attribute(cls: type[DataAccessContext], name: str) -> None:
+def add_resource_attribute(cls: type[DataAccessContext[Any]], name: str) -> None:
     """Make ``ctx.<name>`` a descriptor on ``cls`` unless the context class has that name."""
     if not name.startswith("_") and name not in cls._class_attributes:
         setattr(cls, name, _ResourceAttribute(name))
 
 
-class DataAccessContext:
+class DataAccessContext(Generic[DalT]):
     """One request's state: read-only ``meta``, the ``dal``, and lazily created resources.
 
     Use it as ``with dm.context(meta) as ctx:`` or ``async with``. Resources are
@@ -133,7 +145,7 @@ class DataAccessContext:
     def __init__(self, data_manager: Any, meta: Meta | dict[str, Any] | None = None):
         self.data_manager = data_manager
         dal = data_manager.plain_dal
-        self.dal: DataAccessLayer = data_manager.get_dal() if dal is None else dal
+        self.dal: DalT = data_manager.get_dal() if dal is None else dal
         if isinstance(meta, Meta):
             self.meta = meta
         else:
@@ -194,8 +206,9 @@ class DataAccessContext:
         """Return resource ``name``, creating it on first use (sync or async resources)."""
         return await self._c.aresource(name)
 
-    def __enter__(self) -> Any:
-        return self._c.enter()
+    def __enter__(self) -> Self:
+        entered: Self = self._c.enter()
+        return entered
 
     def __exit__(
         self,
@@ -205,8 +218,9 @@ class DataAccessContext:
     ) -> bool:
         return self._c.exit(exc_type, exc, tb)
 
-    async def __aenter__(self) -> Any:
-        return await self._c.aenter()
+    async def __aenter__(self) -> Self:
+        entered: Self = await self._c.aenter()
+        return entered
 
     async def __aexit__(
         self,
@@ -233,3 +247,35 @@ class DataAccessContext:
 
 
 DataAccessContext._class_attributes = frozenset(dir(DataAccessContext))
+
+
+class DalScope(Protocol[_DalT_co]):
+    """What ``dm.dal()`` returns, as the type checker sees it: a context whose ``with``
+    / ``async with`` gives its DAL (at run time it is the :class:`DataAccessContext`).
+
+    ``__exit__`` returns ``bool``, not ``None``: a context middleware may suppress the
+    block's exception (then execution goes on after the ``with``), so type checkers
+    rightly treat code after the block as reachable -- a function that returns inside
+    ``with dm.dal() as dal:`` needs a ``return`` (or ``raise``) after the block too.
+    """
+
+    @property
+    def meta(self) -> Meta: ...
+
+    def __enter__(self) -> _DalT_co: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool: ...
+
+    async def __aenter__(self) -> _DalT_co: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool: ...

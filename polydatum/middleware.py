@@ -35,7 +35,11 @@ __all__ = [
     "PathSegment",
     "dal_method_resolver_middleware",
     "dal_resolver",
+    "find_service",
     "handle_dal_method",
+    "method_function",
+    "resolve_method",
+    "service_method",
 ]
 
 
@@ -173,6 +177,40 @@ def _class_attribute(cls: type, name: str) -> Any:
     return None
 
 
+def method_function(cls: type, name: str) -> Any:
+    """The function behind the service method ``name`` of ``cls``, or ``None`` when
+    ``name`` is no method the DAL reaches.
+
+    Only code written as a method (a function, possibly decorated, an async one, a
+    static or class method) on the service's own classes is reachable: a builtin stored
+    on the class (``opener = open``), a nested class, a property or another callable
+    object is not, since a DAL path may come from untrusted input.
+    """
+    static = _class_attribute(cls, name)
+    if static is None:
+        return None
+    defined = static.__func__ if isinstance(static, staticmethod | classmethod) else static
+    return defined if isinstance(_unwrapped(defined), FunctionType) else None
+
+
+def service_method(service: Any, name: str) -> Any:
+    """The bound method ``name`` of ``service``: as its class defines it (looked up per
+    call, so a class patched by a test is honoured), or what the application put on the
+    instance itself (``mock.patch.object(service, "get")``) -- never the routing
+    command registration puts on the instance (``dal.notes.get`` is that command: it
+    runs the method middleware and tracing, then this method).
+    """
+    found = service.__dict__.get(name)
+    if found is not None and not isinstance(found, DalCommand):
+        return found
+    cls = type(service)
+    attr = cls.__dict__.get(name)
+    if attr is None:
+        attr = _class_attribute(cls, name)
+    get = getattr(type(attr), "__get__", None)
+    return attr if get is None else get(attr, service, cls)
+
+
 def _unwrapped(defined: Any) -> Any:
     """What a decorator chain (``__wrapped__``) was applied to; ``defined`` on a cycle."""
     try:
@@ -206,17 +244,13 @@ def resolve_path(services: Mapping[str, Service], names: tuple[str, ...]) -> Res
     static = _class_attribute(type(service), method)
     if static is None:
         raise DalMethodError(path, f"{type(service).__name__} has no public method {method!r}")
-    defined = static.__func__ if isinstance(static, staticmethod | classmethod) else static
-    if not isinstance(_unwrapped(defined), FunctionType):
-        # Only code written as a method (a function, possibly decorated, an async one, a
-        # static or class method) is reachable: a builtin stored on the class
-        # (``opener = open``), a nested class, a property or another callable object is
-        # not, since a DAL path may come from untrusted input.
+    if method_function(type(service), method) is None:
+        defined = static.__func__ if isinstance(static, staticmethod | classmethod) else static
         raise DalMethodError(
             path,
             f"{type(service).__name__}.{method} is not a method: {type(defined).__name__}",
         )
-    bound = getattr(service, method)
+    bound = service_method(service, method)
     func = inspect.unwrap(bound)
     qualname = getattr(func, "__qualname__", method)
     module = getattr(func, "__module__", None)
@@ -229,11 +263,36 @@ def resolve_path(services: Mapping[str, Service], names: tuple[str, ...]) -> Res
     )
 
 
+def find_service(services: Mapping[str, Service], names: tuple[str, ...]) -> Service | None:
+    """The service (or sub-service) that ``names`` names, or ``None``."""
+    if not names or any(not isinstance(n, str) or n.startswith("_") for n in names):
+        return None
+    service = services.get(names[0])
+    for name in names[1:]:
+        if service is None:
+            return None
+        service = (service.__dict__.get("_services") or {}).get(name)
+    return service
+
+
 def dal_resolver(ctx: DataAccessContext, request_path: tuple[PathSegment, ...]) -> Any:
-    """Resolve a path to the bound service method it names (polydatum 1.0 API)."""
-    names = tuple(p.name for p in request_path)
-    resolved = ctx.dal._resolve(names)
-    return getattr(resolved.service, resolved.method)
+    """Resolve a path to what it names (polydatum 1.0 API): the bound service method,
+    or the service itself when the path names a service (``dal_resolver(ctx,
+    dal.users.path)``); ``DalMethodError`` when it names neither."""
+    try:
+        return resolve_method(ctx, request_path)
+    except DalMethodError:
+        service = find_service(ctx.dal._services, tuple(p.name for p in request_path))
+        if service is None:
+            raise
+        return service
+
+
+def resolve_method(ctx: DataAccessContext, request_path: tuple[PathSegment, ...]) -> Any:
+    """The bound service method a path names; ``DalMethodError`` for anything else (a
+    service included: what the method resolver middleware calls must be a method)."""
+    resolved = ctx.dal._resolve(tuple(p.name for p in request_path))
+    return service_method(resolved.service, resolved.method)
 
 
 def dal_method_resolver_middleware(
@@ -241,7 +300,7 @@ def dal_method_resolver_middleware(
 ) -> Any:
     """The innermost default middleware: resolve ``request.path`` unless already done."""
     if request.dal_method is None or request._resolved_path != request.path:
-        request.dal_method = dal_resolver(request.ctx, request.path)
+        request.dal_method = resolve_method(request.ctx, request.path)
         request._resolved_path = request.path
     return handler(request)
 

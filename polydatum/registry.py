@@ -12,10 +12,12 @@ import inspect
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Generic, Literal, cast
 
 from polydatum.access import DataAccessLayer, is_async_callable, public_methods
 from polydatum.context import (
+    DalScope,
+    DalT,
     DataAccessContext,
     add_resource_attribute,
     context_class_for,
@@ -68,8 +70,15 @@ class PingResult:
     error: str | None = None
 
 
-class DataManager:
+class DataManager(Generic[DalT]):
     """The registry of services, resources and middleware; one per process, usually.
+
+    Typed service access: ``DataManager[AppServices]()``, where ``AppServices`` is a
+    ``typing.Protocol`` with one attribute per registered service (``notes: Notes``),
+    makes ``dm.dal()`` give an ``AppServices``: ``dal.notes.get(1)`` has the method's
+    return type and a misspelt service or method is a type error. It changes nothing at
+    run time (``dal.notes`` is the registered service either way); without it the DAL
+    is a ``DataAccessLayer``, whose unknown attributes are commands (``Any`` results).
 
     Telemetry options (all keyword-only, all optional):
 
@@ -107,6 +116,10 @@ class DataManager:
                 f"teardown_errors must be 'record' or 'raise', not {teardown_errors!r}"
             )
         self._resource_manager = resource_manager or ResourceManager(self)
+        if getattr(self._resource_manager, "_data_manager", self) is None:
+            # Made before its DataManager (``DataManager(ResourceManager(None))``): it
+            # belongs to this one, which it tells of every resource registered later.
+            self._resource_manager._data_manager = self
         plain = type(self)
         #: The registered resources, normalised once; read by every context unless the
         #: look-up is customised (an overridden ``get_resource`` or ``ResourceManager.get``),
@@ -133,19 +146,23 @@ class DataManager:
         #: What observes this manager's contexts (the lifecycle's name for the telemetry).
         self.observers = self.telemetry
         self.teardown_errors = teardown_errors
-        self._dal: DataAccessLayer = self.DataAccessLayer(self, middleware=list(method_middleware))
+        # Built with the DataManager alone: a polydatum 1.0 subclass may set
+        # ``DataAccessLayer = MyDal`` whose ``__init__`` takes only that.
+        self._dal: DataAccessLayer = self.DataAccessLayer(self)
+        if method_middleware:
+            self._dal.add_middleware(*method_middleware)
         #: The DAL every context is given; ``None`` when ``get_dal`` is overridden (then
         #: it is called for every context).
         self.plain_dal: _DAL | None = self._dal if plain.get_dal is DataManager.get_dal else None
         self._context_class()
 
-    def _context_class(self) -> type[DataAccessContext]:
+    def _context_class(self) -> type[DataAccessContext[Any]]:
         """``self.Context`` with the registered resources as descriptors (cached; made
         again when ``Context`` is replaced). See :class:`polydatum.context._ResourceAttribute`."""
         base = self.Context
         # getattr, not self.__dict__: reading an instance's __dict__ turns its attributes
         # into a dict that CPython 3.11 cannot specialise reads of (benchmarks/README.md).
-        cls: type[DataAccessContext] | None = getattr(self, "_ctx_class", None)
+        cls: type[DataAccessContext[Any]] | None = getattr(self, "_ctx_class", None)
         if cls is None or getattr(self, "_ctx_base", None) is not base:
             cls = context_class_for(base, list(self._resource_manager))
             self._ctx_class = cls
@@ -237,17 +254,18 @@ class DataManager:
         """The registered resource callable named ``name``, or ``None``."""
         return self._resource_manager.get(name)
 
-    def get_dal(self) -> _DAL:
-        return self._dal
+    def get_dal(self) -> DalT:
+        return cast("DalT", self._dal)
 
     # -- contexts ---------------------------------------------------------------------
 
-    def context(self, meta: Meta | dict[str, Any] | None = None) -> DataAccessContext:
+    def context(self, meta: Meta | dict[str, Any] | None = None) -> DataAccessContext[DalT]:
         """A new (not yet entered) context; use ``with`` or ``async with``."""
         cls = self._ctx_class if self.Context is self._ctx_base else self._context_class()
-        return cls(self, meta=meta)
+        ctx: DataAccessContext[DalT] = cls(self, meta=meta)
+        return ctx
 
-    def dal(self, meta: Meta | dict[str, Any] | None = None) -> DataAccessContext:
+    def dal(self, meta: Meta | dict[str, Any] | None = None) -> DalScope[DalT]:
         """Start a context and give the DAL: ``with dm.dal() as dal:`` (or ``async with``).
 
         The context itself is returned; entering it yields its DAL.
@@ -255,7 +273,7 @@ class DataManager:
         cls = self._ctx_class if self.Context is self._ctx_base else self._context_class()
         ctx = cls(self, meta=meta)
         ctx._c.yields_dal = True  # entering it gives its DAL
-        return ctx
+        return cast("DalScope[DalT]", ctx)
 
     def get_active_context(self) -> DataAccessContext | None:
         """The active context in this thread / task, or ``None``."""

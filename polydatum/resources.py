@@ -49,9 +49,9 @@ class Resource:
     """Base class for class-based resources; override ``__call__`` as a generator."""
 
     # Deprecated in 0.8.4; kept so that old resources that read it still work.
-    _data_manager: DataManager | None = None
+    _data_manager: DataManager[Any] | None = None
 
-    def setup(self, data_manager: DataManager) -> None:
+    def setup(self, data_manager: DataManager[Any]) -> None:
         """Deprecated 0.8.4 hook, called on registration (use ``context.data_manager``)."""
         self._data_manager = data_manager
 
@@ -73,7 +73,7 @@ class ValueResource(Resource):
 class ResourceManager:
     """The registry of resources of one DataManager."""
 
-    def __init__(self, data_manager: DataManager) -> None:
+    def __init__(self, data_manager: DataManager[Any]) -> None:
         self._resources: dict[str, Callable[..., Any]] = {}
         self._data_manager = data_manager
 

@@ -67,10 +67,13 @@ class Service:
                 self.__dict__[key] = service
         dal = self.__dict__.get("_dal")
         if dal is not None:
+            path = self.__dict__.get("_dal_path")
+            if path is not None:  # registered already: route the new sub-services' methods
+                dal._route(self, path)
             dal._invalidate()  # paths through this service may resolve differently now
         return self
 
-    def setup(self, data_manager: DataManager | None) -> None:
+    def setup(self, data_manager: DataManager[Any] | None) -> None:
         """Bind this service (and its sub-services) to a DataManager; called on registration."""
         self._data_manager = data_manager  # type: ignore[assignment]
         self._dal = data_manager.get_dal() if data_manager is not None else None  # type: ignore[assignment]

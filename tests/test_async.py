@@ -327,7 +327,8 @@ def _after_a_foreign_exit(dm: DataManager, ctx: DataAccessContext) -> list[Any]:
         lambda: ctx.dal.who.me(),  # the command resolved and cached by the earlier call
         lambda: dm.get_dal().who.me(),
         lambda: dm.get_dal()["who.me"](),
-        lambda: dm.get_dal().who,
+        lambda: dm.get_dal().who is who,  # reading the service needs no context
+        lambda: who.me(),  # its method is the DAL's command: it needs one
         lambda: who._ctx,
     ):
         try:
@@ -342,6 +343,7 @@ EXPECTED_AFTER_FOREIGN_EXIT = [
     NO_CONTEXT,
     NO_CONTEXT,
     NO_CONTEXT,
+    ("returned", True),
     NO_CONTEXT,
     "Who._ctx used with no context active; call services inside `with dm.context():` "
     "(or `with dm.dal() as dal:`).",

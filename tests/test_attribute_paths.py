@@ -94,11 +94,13 @@ def test_dal_services_are_descriptors_and_keep_the_checks() -> None:
     dal = dm.get_dal()
     assert "users" in type(dal).__dict__
     assert type(dal).__name__ == "DataAccessLayer"
+    users = dm.get_dal().services["users"]
+    assert dal.users is users  # the Service object, context or not (0.9.1 and 1.0)
     with pytest.raises(AssertionError, match="A DataAccessContext must be started"):
-        dal.users
+        dal.users.get(1)  # calling needs the context
     with dm.dal() as dal:
         assert dal.users.get(1) == (1, "handle")
-        assert dal.users is dal.users  # one command per name
+        assert dal.users.get is dal.users.get  # one command per method
 
 
 def test_a_service_named_like_a_dal_attribute_does_not_shadow_it() -> None:

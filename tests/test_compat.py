@@ -156,10 +156,11 @@ def test_service_ctx_without_context_is_runtime_error(dm: DataManager) -> None:
         users._ctx
 
 
-def test_dal_attribute_without_context_is_assertion_error(dm: DataManager) -> None:
-    # 0.9.1 and 1.0 asserted; the error is both AssertionError and RuntimeError.
+def test_a_dal_call_without_context_is_assertion_error(dm: DataManager) -> None:
+    # 0.9.1 and 1.0 asserted; the error is both AssertionError and RuntimeError. Reading
+    # dal.users needs no context (tests/test_compat_versions.py); calling does.
     with pytest.raises(AssertionError, match="A DataAccessContext must be started"):
-        dm.get_dal().users
+        dm.get_dal().users.profile.get(1)
 
 
 def test_meta_is_read_only() -> None:
@@ -325,15 +326,21 @@ def test_dal_string_paths(dm: DataManager) -> None:
 
 
 def test_deferred_attribute_access(dm: DataManager) -> None:
+    # dal.users is the Service object (0.9.1); below an unregistered name, and in string
+    # paths, access is deferred to the call (1.0).
     with dm.dal() as dal:
-        command = dal.users.profile.nope
+        command = dal.accounts.profile.nope
         assert isinstance(command, DalCommand)
-        assert command.path == (PathSegment("users"), PathSegment("profile"), PathSegment("nope"))
-        assert str(command) == "users.profile.nope"
-        with pytest.raises(DalMethodError, match=r"Invalid dal method: users.profile.nope"):
+        assert command.path == (
+            PathSegment("accounts"), PathSegment("profile"), PathSegment("nope")
+        )  # fmt: skip
+        assert str(command) == "accounts.profile.nope"
+        with pytest.raises(DalMethodError, match=r"Invalid dal method: accounts.profile.nope"):
             command()
+        with pytest.raises(DalMethodError, match=r"Invalid dal method: users.profile.nope"):
+            dal["users.profile.nope"]()
         with pytest.raises(DalMethodError, match="a service, not a method"):
-            dal.users.profile()
+            dal["users.profile"]()
 
 
 def test_command_built_outside_is_called_inside(dm: DataManager) -> None:

@@ -72,7 +72,7 @@ class Traffic:
                     self.held += 1
                     self.cond.notify_all()
                     generation = self.generation
-                    self.cond.wait_for(lambda: self.generation != generation or self.stopped)
+                    self.cond.wait_for(lambda g=generation: self.generation != g or self.stopped)
                     continue
             try:
                 with self.dm.dal() as dal:
@@ -90,9 +90,7 @@ class Traffic:
             self.held = 0
             # Bounded: a worker that never reaches its pause point fails the test
             # instead of hanging the run.
-            paused = self.cond.wait_for(
-                lambda: self.held + len(self.errors) == WORKERS, timeout=60
-            )
+            paused = self.cond.wait_for(lambda: self.held + len(self.errors) == WORKERS, timeout=60)
             assert paused, f"workers never paused: {self.held} held, errors {self.errors}"
             assert self.errors == []
 

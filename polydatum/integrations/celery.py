@@ -87,6 +87,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.propagators.textmap import Getter
 
+from polydatum.access import public_methods
 from polydatum.context import get_active_context
 from polydatum.errors import ValidationError
 from polydatum.integrations import adispose_resources, dispose_resources, missing_framework
@@ -273,14 +274,11 @@ def _async_methods(prefix: str, services: Mapping[str, Any]) -> list[str]:
     found statically: inspecting a registration must not run application code."""
     found: list[str] = []
     for name, service in services.items():
-        for attr in dir(type(service)):
-            if attr.startswith("_"):
-                continue
-            static = inspect.getattr_static(service, attr)
-            if isinstance(static, staticmethod | classmethod):
-                static = static.__func__
-            if inspect.iscoroutinefunction(static):
-                found.append(f"{prefix}{name}.{attr}")
+        found += [
+            f"{prefix}{name}.{attr}"
+            for attr, function in public_methods(service)
+            if inspect.iscoroutinefunction(inspect.unwrap(function))
+        ]
         found += _async_methods(f"{prefix}{name}.", service.__dict__.get("_services") or {})
     return found
 
