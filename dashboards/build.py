@@ -1,10 +1,10 @@
-"""Build polydatum's Grafana dashboard as code and write the JSON Grafana provisions.
+"""Build polydatum's Grafana dashboards as code and write the JSON Grafana provisions.
 
     pip install 'polydatum[dashboards]'
-    python dashboards/build.py            # rewrites dashboards/polydatum-overview.json
-    python dashboards/build.py --check    # exit 1 when the committed JSON is stale
+    python dashboards/build.py            # rewrites every dashboards/*.json it builds
+    python dashboards/build.py --check    # exit 1 when a committed JSON is stale
 
-The dashboard reads top to bottom, from "is it healthy" to "which middleware,
+A dashboard reads top to bottom, from "is it healthy" to "which middleware,
 resource or method is the problem":
 
 1. Health: context rate, p99 duration, error ratio, suppressed teardown errors,
@@ -17,11 +17,16 @@ resource or method is the problem":
 6. Traces (Tempo, TraceQL): the slowest contexts, contexts with suppressed teardown
    errors, failed contexts.
 
-Metric and label names are the ones the OpenTelemetry Prometheus exporter (and the
-collector's Prometheus exporter) produce for polydatum's instruments: units become
-``_seconds``, counters ``_total``, dots in attribute names become underscores
-(``polydatum.middleware.name`` -> ``polydatum_middleware_name``). Datasources are
-``$datasource`` / ``$tempo`` variables, so file provisioning works as is.
+Every panel is written once, in :func:`build`; where its numbers come from is a
+:class:`Source`, the parameter of :func:`build`:
+
+* :data:`SDK` (``polydatum-overview.json``): polydatum's own instruments. Metric and
+  label names are the ones the OpenTelemetry Prometheus exporter (and the collector's
+  Prometheus exporter) produce for them: units become ``_seconds``, counters
+  ``_total``, dots in attribute names become underscores
+  (``polydatum.middleware.name`` -> ``polydatum_middleware_name``).
+
+Datasources are ``$datasource`` / ``$tempo`` variables, so file provisioning works as is.
 """
 
 from __future__ import annotations
@@ -55,30 +60,116 @@ from grafana_foundation_sdk.models.dashboard import (
 )
 
 HERE = Path(__file__).resolve().parent
-OUTPUT = HERE / "polydatum-overview.json"
-UID = "polydatum-overview"
 
 PROM = DataSourceRef(type_val="prometheus", uid="${datasource}")
 TEMPO = DataSourceRef(type_val="tempo", uid="${tempo}")
 
-SEL = 'job=~"$job"'
 RATE = "$__rate_interval"
 
-CTX = "polydatum_context_duration_seconds"
-MW = "polydatum_middleware_duration_seconds"
-RES = "polydatum_resource_duration_seconds"
-SVC = "polydatum_service_duration_seconds"
-TEARDOWN_ERRORS = "polydatum_resource_teardown_errors_total"
-ACTIVE = "polydatum_context_active"
+#: The step kinds a panel asks a source about.
+KINDS = ("context", "middleware", "resource", "service")
+
+
+# ------------------------------------------------------------------------ sources
+
+
+class Source:
+    """Where a dashboard's numbers come from: the series behind each kind of step.
+
+    ``series(kind, "bucket" | "count", phase=..., errors=...)`` is the selector of a
+    histogram's buckets or of the counter of finished steps of that kind (``kind`` is
+    ``context``, ``middleware``, ``resource`` or ``service``), limited to one phase
+    (``setup`` / ``teardown``) or to failed steps (``error_type!=""``).
+    ``with_phase(kind, expr)`` is ``expr`` (an instant vector of such series) with a
+    ``polydatum_phase`` label; ``teardown_errors()`` selects the counter of suppressed
+    resource teardown errors; ``active()`` the gauge of open contexts, or ``None``
+    when the source has none.
+    """
+
+    #: File name (in dashboards/), uid, title and tags of the dashboard.
+    output: str
+    uid: str
+    title: str
+    tags: tuple[str, ...]
+    #: The matcher every series is selected with (the dashboard's filter variable).
+    selector: str
+    #: The filter variable: name, label, the ``label_values`` query of its values.
+    variable: tuple[str, str, str]
+    #: The "Min step" of every query (``None``: the datasource's scrape interval).
+    min_interval: str | None = None
+    #: What "Suppressed teardown errors" counts, for the panels' descriptions.
+    teardown_errors_what: str
+
+    def series(
+        self, kind: str, suffix: str, *, phase: str | None = None, errors: bool = False
+    ) -> str:
+        raise NotImplementedError
+
+    def with_phase(self, kind: str, expr: str) -> str:
+        raise NotImplementedError
+
+    def teardown_errors(self) -> str:
+        raise NotImplementedError
+
+    def active(self) -> str | None:
+        raise NotImplementedError
+
+
+class SdkMetrics(Source):
+    """polydatum's own instruments (``polydatum.context.duration``, ...): recorded in
+    the process, exported by the OpenTelemetry Prometheus exporter or through OTLP and
+    the collector's Prometheus exporter."""
+
+    output = "polydatum-overview.json"
+    uid = "polydatum-overview"
+    title = "polydatum — data layer"
+    tags = ("polydatum", "opentelemetry")
+    selector = 'job=~"$job"'
+    variable = ("job", "Job", "label_values(polydatum_context_duration_seconds_count, job)")
+    teardown_errors_what = "Resource teardown errors polydatum suppressed (and recorded)."
+
+    HISTOGRAMS = {
+        "context": "polydatum_context_duration_seconds",
+        "middleware": "polydatum_middleware_duration_seconds",
+        "resource": "polydatum_resource_duration_seconds",
+        "service": "polydatum_service_duration_seconds",
+    }
+    TEARDOWN_ERRORS = "polydatum_resource_teardown_errors_total"
+    ACTIVE = "polydatum_context_active"
+
+    def series(
+        self, kind: str, suffix: str, *, phase: str | None = None, errors: bool = False
+    ) -> str:
+        matchers = [self.selector]
+        if phase is not None:
+            matchers.append(f'polydatum_phase="{phase}"')
+        if errors:
+            matchers.append('error_type!=""')
+        return f"{self.HISTOGRAMS[kind]}_{suffix}{{{','.join(matchers)}}}"
+
+    def with_phase(self, kind: str, expr: str) -> str:
+        return expr  # the phase histograms carry polydatum_phase
+
+    def teardown_errors(self) -> str:
+        return f"{self.TEARDOWN_ERRORS}{{{self.selector}}}"
+
+    def active(self) -> str | None:
+        return f"{self.ACTIVE}{{{self.selector}}}"
+
+
+SDK = SdkMetrics()
+SOURCES: tuple[Source, ...] = (SDK,)
 
 
 # ------------------------------------------------------------------------ helpers
 
 
-def q(expr: str, legend: str = "", ref: str = "A", *, instant: bool = False) -> Any:
+def q(src: Source, expr: str, legend: str = "", ref: str = "A", *, instant: bool = False) -> Any:
     query = prometheus.Dataquery().expr(expr).ref_id(ref).datasource(PROM)
     if legend:
         query = query.legend_format(legend)
+    if src.min_interval is not None:
+        query = query.interval(src.min_interval)
     if instant:
         from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 
@@ -88,10 +179,21 @@ def q(expr: str, legend: str = "", ref: str = "A", *, instant: bool = False) -> 
     return query
 
 
-def quantile(phi: float, metric: str, by: str = "", extra: str = "") -> str:
+def quantile(
+    src: Source,
+    phi: float,
+    kind: str,
+    by: str = "",
+    *,
+    phase: str | None = None,
+    window: str = RATE,
+) -> str:
+    """``histogram_quantile`` of one kind of step, per ``by`` (comma-separated labels)."""
     labels = f"le, {by}" if by else "le"
-    sel = f"{SEL},{extra}" if extra else SEL
-    return f"histogram_quantile({phi}, sum by ({labels}) (rate({metric}_bucket{{{sel}}}[{RATE}])))"
+    rate = f"rate({src.series(kind, 'bucket', phase=phase)}[{window}])"
+    if "polydatum_phase" in by:
+        rate = src.with_phase(kind, rate)
+    return f"histogram_quantile({phi}, sum by ({labels}) ({rate}))"
 
 
 def thresholds(*steps: tuple[float | None, str]) -> Any:
@@ -127,7 +229,9 @@ def graph(title: str, description: str, unit: str, *queries: Any, width: int = 1
     return panel
 
 
-def big(title: str, description: str, unit: str, expr: str, steps: Any, width: int = 4) -> Any:
+def big(
+    src: Source, title: str, description: str, unit: str, expr: str, steps: Any, width: int
+) -> Any:
     return (
         stat.Panel()
         .title(title)
@@ -140,11 +244,11 @@ def big(title: str, description: str, unit: str, expr: str, steps: Any, width: i
         .color_mode(BigValueColorMode.BACKGROUND)
         .reduce_options(ReduceDataOptions().calcs(["lastNotNull"]))
         .thresholds(steps)
-        .with_target(q(expr))
+        .with_target(q(src, expr))
     )
 
 
-def ranked(title: str, description: str, unit: str, expr: str, legend: str) -> Any:
+def ranked(src: Source, title: str, description: str, unit: str, expr: str, legend: str) -> Any:
     """A horizontal bar gauge of an instant query: the largest value stands out."""
     return (
         bargauge.Panel()
@@ -156,7 +260,7 @@ def ranked(title: str, description: str, unit: str, expr: str, legend: str) -> A
         .height(8)
         .reduce_options(ReduceDataOptions().calcs(["lastNotNull"]))
         .thresholds(thresholds((None, "green"), (0.01, "yellow"), (0.1, "red")))
-        .with_target(q(expr, legend))
+        .with_target(q(src, expr, legend))
     )
 
 
@@ -183,17 +287,24 @@ def traces(title: str, description: str, traceql: str, width: int = 8) -> Any:
 # ---------------------------------------------------------------------- dashboard
 
 
-def build() -> Any:
-    """The dashboard model (grafana-foundation-sdk ``Dashboard``)."""
+def build(src: Source = SDK) -> Any:
+    """The dashboard model (grafana-foundation-sdk ``Dashboard``) of one source."""
+    contexts = src.series("context", "count")
     ok_or_error = (
-        f"label_replace(sum by (error_type) (rate({CTX}_count{{{SEL}}}[{RATE}])), "
+        f"label_replace(sum by (error_type) (rate({contexts}[{RATE}])), "
         '"outcome", "ok", "error_type", "")'
     )
     error_ratio = (
-        f'(sum(rate({CTX}_count{{{SEL},error_type!=""}}[{RATE}])) or vector(0))'
-        f" / sum(rate({CTX}_count{{{SEL}}}[{RATE}]))"
+        f"(sum(rate({src.series('context', 'count', errors=True)}[{RATE}])) or vector(0))"
+        f" / sum(rate({contexts}[{RATE}]))"
     )
-    contexts_per_s = f"sum(rate({CTX}_count{{{SEL}}}[{RATE}]))"
+    contexts_per_s = f"sum(rate({contexts}[{RATE}]))"
+    calls = src.series("service", "count")
+    failed_calls = src.series("service", "count", errors=True)
+    teardown_errors = src.teardown_errors()
+    active = src.active()
+    # The health stats fill the row: four or five of them, as the source has.
+    stat_width = 4 if active is not None else 6
 
     method_table = (
         table.Panel()
@@ -204,31 +315,32 @@ def build() -> Any:
         .height(8)
         .with_target(
             q(
-                f"sum by (polydatum_service_path) (rate({SVC}_count{{{SEL}}}[$__range]))",
+                src,
+                f"sum by (polydatum_service_path) (rate({calls}[$__range]))",
                 ref="calls",
                 instant=True,
             )
         )
         .with_target(
             q(
-                "histogram_quantile(0.5, sum by (le, polydatum_service_path) "
-                f"(rate({SVC}_bucket{{{SEL}}}[$__range])))",
+                src,
+                quantile(src, 0.5, "service", "polydatum_service_path", window="$__range"),
                 ref="p50",
                 instant=True,
             )
         )
         .with_target(
             q(
-                "histogram_quantile(0.99, sum by (le, polydatum_service_path) "
-                f"(rate({SVC}_bucket{{{SEL}}}[$__range])))",
+                src,
+                quantile(src, 0.99, "service", "polydatum_service_path", window="$__range"),
                 ref="p99",
                 instant=True,
             )
         )
         .with_target(
             q(
-                "sum by (polydatum_service_path) "
-                f'(increase({SVC}_count{{{SEL},error_type!=""}}[$__range]))',
+                src,
+                f"sum by (polydatum_service_path) (increase({failed_calls}[$__range]))",
                 ref="errors",
                 instant=True,
             )
@@ -251,14 +363,15 @@ def build() -> Any:
         )
     )
 
+    name, label, values = src.variable
     builder = (
-        dashboard.Dashboard("polydatum — data layer")
-        .uid(UID)
+        dashboard.Dashboard(src.title)
+        .uid(src.uid)
         .description(
             "polydatum contexts, middleware, resources and service methods: from "
             "'is it healthy' (top) to 'which step is the problem' (bottom)."
         )
-        .tags(["polydatum", "opentelemetry"])
+        .tags(list(src.tags))
         .editable()
         .tooltip(DashboardCursorSync.CROSSHAIR)
         .refresh("30s")
@@ -277,10 +390,10 @@ def build() -> Any:
             .current(VariableOption(selected=True, text="Tempo", value="tempo"))
         )
         .with_variable(
-            dashboard.QueryVariable("job")
-            .label("Job")
+            dashboard.QueryVariable(name)
+            .label(label)
             .datasource(PROM)
-            .query(f"label_values({CTX}_count, job)")
+            .query(values)
             .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED)
             .include_all(True)
             .all_value(".*")
@@ -297,56 +410,68 @@ def build() -> Any:
         .with_row(dashboard.Row("Is it healthy?"))
         .with_panel(
             big(
+                src,
                 "Contexts / s",
                 "Request contexts finished per second (every outcome).",
                 "reqps",
                 contexts_per_s,
                 thresholds((None, "blue")),
+                stat_width,
             )
         )
         .with_panel(
             big(
+                src,
                 "Context p99",
                 "99th percentile of context duration: enter to the end of teardown.",
                 "s",
-                quantile(0.99, CTX),
+                quantile(src, 0.99, "context"),
                 thresholds((None, "green"), (0.25, "yellow"), (1.0, "red")),
+                stat_width,
             )
         )
         .with_panel(
             big(
+                src,
                 "Error ratio",
                 "Share of contexts that raised out of the `with` block.",
                 "percentunit",
                 error_ratio,
                 thresholds((None, "green"), (0.01, "yellow"), (0.05, "red")),
+                stat_width,
             )
         )
         .with_panel(
             big(
+                src,
                 "Suppressed teardown errors / s",
-                "Resource teardown errors polydatum suppressed (and recorded).",
+                src.teardown_errors_what,
                 "short",
-                f"sum(rate({TEARDOWN_ERRORS}{{{SEL}}}[{RATE}])) or vector(0)",
+                f"sum(rate({teardown_errors}[{RATE}])) or vector(0)",
                 thresholds((None, "green"), (0.001, "yellow"), (0.1, "red")),
+                stat_width,
             )
         )
-        .with_panel(
+    )
+    if active is not None:
+        builder = builder.with_panel(
             big(
+                src,
                 "Active contexts",
                 "Contexts entered and not yet exited (a leak grows without bound).",
                 "short",
-                f"sum({ACTIVE}{{{SEL}}})",
+                f"sum({active})",
                 thresholds((None, "green"), (100, "yellow"), (1000, "red")),
-                width=8,
+                8,
             )
         )
-        .with_panel(
+    builder = (
+        builder.with_panel(
             graph(
                 "Contexts / s by outcome",
                 "ok, or the error.type raised out of the context.",
                 "reqps",
-                q(ok_or_error, "{{outcome}}{{error_type}}"),
+                q(src, ok_or_error, "{{outcome}}{{error_type}}"),
             )
         )
         .with_panel(
@@ -354,9 +479,9 @@ def build() -> Any:
                 "Context duration p50 / p95 / p99",
                 "Percentiles of the whole context, from histogram buckets (0.1 ms to 10 s).",
                 "s",
-                q(quantile(0.5, CTX), "p50", "A"),
-                q(quantile(0.95, CTX), "p95", "B"),
-                q(quantile(0.99, CTX), "p99", "C"),
+                q(src, quantile(src, 0.5, "context"), "p50", "A"),
+                q(src, quantile(src, 0.95, "context"), "p95", "B"),
+                q(src, quantile(src, 0.99, "context"), "p99", "C"),
             )
         )
         # -- 2. service methods ---------------------------------------------------------
@@ -366,7 +491,11 @@ def build() -> Any:
                 "p95 latency by method",
                 "Each DAL path (service.method); nested calls include their children.",
                 "s",
-                q(quantile(0.95, SVC, "polydatum_service_path"), "{{polydatum_service_path}}"),
+                q(
+                    src,
+                    quantile(src, 0.95, "service", "polydatum_service_path"),
+                    "{{polydatum_service_path}}",
+                ),
             )
         )
         .with_panel(
@@ -375,8 +504,8 @@ def build() -> Any:
                 "Service calls that raised, by DAL path and exception type.",
                 "short",
                 q(
-                    "sum by (polydatum_service_path, error_type) "
-                    f'(rate({SVC}_count{{{SEL},error_type!=""}}[{RATE}]))',
+                    src,
+                    f"sum by (polydatum_service_path, error_type) (rate({failed_calls}[{RATE}]))",
                     "{{polydatum_service_path}} {{error_type}}",
                 ),
             )
@@ -390,7 +519,8 @@ def build() -> Any:
                 "Setup runs in registration order before the context is active.",
                 "s",
                 q(
-                    quantile(0.95, MW, "polydatum_middleware_name", 'polydatum_phase="setup"'),
+                    src,
+                    quantile(src, 0.95, "middleware", "polydatum_middleware_name", phase="setup"),
                     "{{polydatum_middleware_name}}",
                 ),
             )
@@ -401,26 +531,31 @@ def build() -> Any:
                 "Teardown runs in reverse order, before resources are torn down.",
                 "s",
                 q(
-                    quantile(0.95, MW, "polydatum_middleware_name", 'polydatum_phase="teardown"'),
+                    src,
+                    quantile(
+                        src, 0.95, "middleware", "polydatum_middleware_name", phase="teardown"
+                    ),
                     "{{polydatum_middleware_name}}",
                 ),
             )
         )
         .with_panel(
             ranked(
+                src,
                 "p99 by middleware phase",
                 "The slow middleware phase is the longest bar.",
                 "s",
-                quantile(0.99, MW, "polydatum_middleware_name, polydatum_phase"),
+                quantile(src, 0.99, "middleware", "polydatum_middleware_name, polydatum_phase"),
                 "{{polydatum_middleware_name}} {{polydatum_phase}}",
             )
         )
         .with_panel(
             ranked(
+                src,
                 "p99 by resource phase",
                 "Lazy setup and teardown of each resource.",
                 "s",
-                quantile(0.99, RES, "polydatum_resource_name, polydatum_phase"),
+                quantile(src, 0.99, "resource", "polydatum_resource_name, polydatum_phase"),
                 "{{polydatum_resource_name}} {{polydatum_phase}}",
             )
         )
@@ -432,7 +567,8 @@ def build() -> Any:
                 "Resources are set up lazily, on first use inside a context.",
                 "s",
                 q(
-                    quantile(0.95, RES, "polydatum_resource_name", 'polydatum_phase="setup"'),
+                    src,
+                    quantile(src, 0.95, "resource", "polydatum_resource_name", phase="setup"),
                     "{{polydatum_resource_name}}",
                 ),
                 width=8,
@@ -444,8 +580,9 @@ def build() -> Any:
                 "Share of contexts that created each resource (1 = every context).",
                 "percentunit",
                 q(
+                    src,
                     "sum by (polydatum_resource_name) "
-                    f'(rate({RES}_count{{{SEL},polydatum_phase="setup"}}[{RATE}]))'
+                    f"(rate({src.series('resource', 'count', phase='setup')}[{RATE}]))"
                     f" / scalar({contexts_per_s})",
                     "{{polydatum_resource_name}}",
                 ),
@@ -458,7 +595,8 @@ def build() -> Any:
                 "Teardown commits/rolls back and closes; most recently created first.",
                 "s",
                 q(
-                    quantile(0.95, RES, "polydatum_resource_name", 'polydatum_phase="teardown"'),
+                    src,
+                    quantile(src, 0.95, "resource", "polydatum_resource_name", phase="teardown"),
                     "{{polydatum_resource_name}}",
                 ),
                 width=8,
@@ -473,8 +611,9 @@ def build() -> Any:
                 "other resource still tears down, and recorded here.",
                 "short",
                 q(
+                    src,
                     "sum by (polydatum_resource_name, error_type) "
-                    f"(rate({TEARDOWN_ERRORS}{{{SEL}}}[{RATE}]))",
+                    f"(rate({teardown_errors}[{RATE}]))",
                     "{{polydatum_resource_name}} {{error_type}}",
                 ),
                 width=16,
@@ -489,8 +628,9 @@ def build() -> Any:
             .height(8)
             .with_target(
                 q(
+                    src,
                     "sum by (polydatum_resource_name, error_type) "
-                    f"(increase({TEARDOWN_ERRORS}{{{SEL}}}[$__range]))",
+                    f"(increase({teardown_errors}[$__range]))",
                     instant=True,
                 )
             )
@@ -536,9 +676,9 @@ def build() -> Any:
     return builder.build()
 
 
-def render() -> str:
+def render(src: Source = SDK) -> str:
     """The dashboard JSON, exactly as committed (stable key order, trailing newline)."""
-    payload = json.loads(json.dumps(build(), cls=JSONEncoder))
+    payload = json.loads(json.dumps(build(src), cls=JSONEncoder))
     # Stable, unique panel ids (the builder leaves them unset, rows at 0): Grafana
     # links to a panel by id (viewPanel=3), so they must not change between builds.
     for number, panel in enumerate(payload["panels"], start=1):
@@ -558,17 +698,21 @@ def prometheus_queries(model: dict[str, Any]) -> list[tuple[str, str]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="fail when the JSON is stale")
+    parser.add_argument("--check", action="store_true", help="fail when a JSON is stale")
     args = parser.parse_args(argv)
-    text = render()
-    if args.check:
-        if not OUTPUT.exists() or OUTPUT.read_text(encoding="utf-8") != text:
-            print(f"{OUTPUT.name} is stale: run python dashboards/build.py", file=sys.stderr)
-            return 1
-        return 0
-    OUTPUT.write_text(text, encoding="utf-8")
-    print(f"wrote {OUTPUT}")
-    return 0
+    stale = []
+    for src in SOURCES:
+        output = HERE / src.output
+        text = render(src)
+        if args.check:
+            if not output.exists() or output.read_text(encoding="utf-8") != text:
+                stale.append(output.name)
+            continue
+        output.write_text(text, encoding="utf-8")
+        print(f"wrote {output}")
+    for name in stale:
+        print(f"{name} is stale: run python dashboards/build.py", file=sys.stderr)
+    return 1 if stale else 0
 
 
 if __name__ == "__main__":
