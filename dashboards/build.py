@@ -25,6 +25,14 @@ Every panel is written once, in :func:`build`; where its numbers come from is a
   Prometheus exporter) produce for them: units become ``_seconds``, counters
   ``_total``, dots in attribute names become underscores
   (``polydatum.middleware.name`` -> ``polydatum_middleware_name``).
+* :data:`SPANS` (``polydatum-spans.json``): the same panels from the series the
+  collector's ``spanmetrics`` connector derives from the spans
+  (instrumentation/collector/otel-collector.yaml), exported by the collector's
+  Prometheus exporter: ``traces_span_metrics_calls_total`` and
+  ``traces_span_metrics_duration_seconds_*`` per ``span_name`` with polydatum's span
+  attributes as labels; the phase is read from the span name
+  (``polydatum.middleware.setup auth``). It has no "Active contexts": a span is exported
+  when it ends, so no series counts the contexts still open.
 
 Datasources are ``$datasource`` / ``$tempo`` variables, so file provisioning works as is.
 """
@@ -49,6 +57,7 @@ from grafana_foundation_sdk.models.common import (
 )
 from grafana_foundation_sdk.models.dashboard import (
     DashboardCursorSync,
+    DashboardLinkType,
     DataSourceRef,
     DataTransformerConfig,
     ThresholdsMode,
@@ -91,6 +100,8 @@ class Source:
     uid: str
     title: str
     tags: tuple[str, ...]
+    #: What the dashboard's description adds about the source.
+    about: str
     #: The matcher every series is selected with (the dashboard's filter variable).
     selector: str
     #: The filter variable: name, label, the ``label_values`` query of its values.
@@ -124,6 +135,10 @@ class SdkMetrics(Source):
     uid = "polydatum-overview"
     title = "polydatum — data layer"
     tags = ("polydatum", "opentelemetry")
+    about = (
+        " From polydatum's own metrics; without the phase histograms "
+        "(DataManager(step_metrics=False)) or metrics, see the spans dashboard."
+    )
     selector = 'job=~"$job"'
     variable = ("job", "Job", "label_values(polydatum_context_duration_seconds_count, job)")
     teardown_errors_what = "Resource teardown errors polydatum suppressed (and recorded)."
@@ -157,8 +172,73 @@ class SdkMetrics(Source):
         return f"{self.ACTIVE}{{{self.selector}}}"
 
 
+def span_names(kind: str, phase: str | None = None) -> str:
+    """The regex (a PromQL string's content) of the span names of one kind of step:
+    polydatum names them ``polydatum.<kind>.<phase> <name>``."""
+    return rf"polydatum\\.{kind}\\.{phase or '(setup|teardown)'} .+"
+
+
+class SpanMetrics(Source):
+    """The collector's ``spanmetrics`` connector: a call counter and a duration
+    histogram per span name, kind, status and configured dimension (polydatum's span
+    attributes), exported by the collector's Prometheus exporter. Nothing is recorded
+    in the process; every span has to reach the collector."""
+
+    output = "polydatum-spans.json"
+    uid = "polydatum-spans"
+    title = "polydatum — data layer (from spans)"
+    tags = ("polydatum", "opentelemetry", "spanmetrics")
+    about = (
+        " From the spans, through the collector's spanmetrics connector: "
+        "exact only when every span is exported (no head sampling)."
+    )
+    selector = 'service_name=~"$service"'
+    variable = (
+        "service",
+        "Service",
+        'label_values(traces_span_metrics_calls_total{span_name="polydatum.context"}, '
+        "service_name)",
+    )
+    #: The connector's metrics_flush_interval: its series change once per flush, so
+    #: every query steps at least that far and $__rate_interval spans four flushes.
+    min_interval = "15s"
+    teardown_errors_what = (
+        "Resource teardowns that raised (their span has error.type); polydatum "
+        "suppressed those errors."
+    )
+
+    CALLS = "traces_span_metrics_calls_total"
+    DURATION = "traces_span_metrics_duration_seconds"
+
+    def series(
+        self, kind: str, suffix: str, *, phase: str | None = None, errors: bool = False
+    ) -> str:
+        name = f"{self.DURATION}_bucket" if suffix == "bucket" else self.CALLS
+        if kind == "context":
+            matchers = [self.selector, 'span_name="polydatum.context"']
+        elif kind == "service":  # its span is named after the path, which it carries
+            matchers = [self.selector, 'polydatum_service_path!=""']
+        else:
+            matchers = [self.selector, f'span_name=~"{span_names(kind, phase)}"']
+        if errors:
+            matchers.append('error_type!=""')
+        return f"{name}{{{','.join(matchers)}}}"
+
+    def with_phase(self, kind: str, expr: str) -> str:
+        return f'label_replace({expr}, "polydatum_phase", "$1", "span_name", "{span_names(kind)}")'
+
+    def teardown_errors(self) -> str:
+        # A resource teardown that raised is one polydatum suppressed (a CommitError
+        # aside, which ends the context instead).
+        return self.series("resource", "count", phase="teardown", errors=True)
+
+    def active(self) -> str | None:
+        return None
+
+
 SDK = SdkMetrics()
-SOURCES: tuple[Source, ...] = (SDK,)
+SPANS = SpanMetrics()
+SOURCES: tuple[Source, ...] = (SDK, SPANS)
 
 
 # ------------------------------------------------------------------------ helpers
@@ -369,9 +449,19 @@ def build(src: Source = SDK) -> Any:
         .uid(src.uid)
         .description(
             "polydatum contexts, middleware, resources and service methods: from "
-            "'is it healthy' (top) to 'which step is the problem' (bottom)."
+            "'is it healthy' (top) to 'which step is the problem' (bottom)." + src.about
         )
         .tags(list(src.tags))
+        .links(
+            [
+                dashboard.DashboardLink(other.title)
+                .type(DashboardLinkType.LINK)
+                .url(f"/d/{other.uid}")
+                .keep_time(True)
+                for other in SOURCES
+                if other is not src
+            ]
+        )
         .editable()
         .tooltip(DashboardCursorSync.CROSSHAIR)
         .refresh("30s")
