@@ -70,16 +70,16 @@ class _ServiceAttribute:
     are traced. Reading it needs no active context; calling a method does.
     """
 
-    __slots__ = ("name",)
+    __slots__ = ("name", "service")
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, service: Service) -> None:
         self.name = name
+        self.service = service  # replaced by replace_service
 
     def __get__(self, dal: DataAccessLayer | None, owner: type | None = None) -> Any:
         if dal is None:
             return self
-        service = dal._services.get(self.name)
-        return dal._command(self.name) if service is None else service
+        return self.service
 
 
 class DataAccessLayer:
@@ -215,7 +215,7 @@ class DataAccessLayer:
             and not key.startswith("_")
             and not any(key in klass.__dict__ for klass in cls.__mro__[1:])
         ):
-            setattr(cls, key, _ServiceAttribute(key))  # never over the DAL's own attributes
+            setattr(cls, key, _ServiceAttribute(key, service))  # never over the DAL's own
         self._invalidate()
         return service
 
@@ -314,18 +314,7 @@ class DataAccessLayer:
         if resolved is not None and self._direct and not resolved.is_async:
             if command is not None:  # next time the command calls the method itself
                 command._fast = (valid, resolved)
-            method = service_method(resolved.service, resolved.method)
-            observer = c.observer
-            if observer is None:
-                return method(*args, **kwargs)
-            step = observer.call_started(resolved.path, resolved.function)
-            try:
-                result = method(*args, **kwargs)
-            except BaseException as error:
-                observer.call_finished(step, error)
-                raise
-            observer.call_finished(step, None)
-            return result
+            return _call_resolved(c, resolved, args, kwargs)
         if path is None:
             path = tuple(PathSegment(n) for n in names)
         request = DalCommandRequest(c.ctx, path, args, kwargs)
@@ -490,20 +479,46 @@ class _DalPath(DalCommand):
             # call span when the context records.
             c = active_lifecycle()
             if c is not None and c.ctx is not None:  # else _call_names raises
-                target = fast[1]
-                observer = c.observer
-                if observer is None:
-                    return service_method(target.service, target.method)(*args, **kwargs)
-                step = observer.call_started(target.path, target.function)
-                try:
-                    result = service_method(target.service, target.method)(*args, **kwargs)
-                except BaseException as error:
-                    observer.call_finished(step, error)
-                    raise
-                observer.call_finished(step, None)
-                return result
+                return _call_resolved(c, fast[1], args, kwargs)
         dal: DataAccessLayer = self._handler.__self__  # type: ignore[attr-defined]
         return dal._call_names(self._names or self.names, args, kwargs, command=self)
+
+
+def _call_resolved(
+    c: Any, target: Resolved, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """Call the sync method ``target`` resolved to, with no method middleware in the
+    way, in a service call span when the lifecycle ``c`` records.
+
+    The method is looked up every call (a test may patch it): the class's function
+    while the class still holds it and the instance does not override it (what
+    registration put there is the DAL's own command), else
+    :func:`~polydatum.middleware.service_method`.
+    """
+    service = target.service
+    name = target.method
+    defined = target.defined
+    found = service.__dict__.get(name)
+    if (
+        defined is not None
+        and (found is None or found.__class__ is _DalPath)
+        and getattr(type(service), name) is defined
+    ):
+        method = defined
+        args = (service, *args)
+    else:
+        method = service_method(service, name)
+    observer = c.observer
+    if observer is None:
+        return method(*args, **kwargs)
+    step = observer.call_started(target.path, target.function)
+    try:
+        result = method(*args, **kwargs)
+    except BaseException as error:
+        observer.call_finished(step, error)
+        raise
+    observer.call_finished(step, None)
+    return result
 
 
 def public_methods(service: Any) -> list[tuple[str, Any]]:

@@ -158,6 +158,9 @@ class Resolved:
     path: str  # "users.profile.get": the span name and ``polydatum.service.path``
     function: str  # ``code.function.name``: the method's qualified name
     is_async: bool
+    #: The plain function the class defines for ``method`` (``None`` for a static or
+    #: class method): while the class still holds it, a call is ``defined(service, ...)``.
+    defined: Any = None
 
 
 def _class_attribute(cls: type, name: str) -> Any:
@@ -260,6 +263,7 @@ def resolve_path(services: Mapping[str, Service], names: tuple[str, ...]) -> Res
         path=".".join(names),
         function=f"{module}.{qualname}" if module else qualname,
         is_async=inspect.iscoroutinefunction(func),
+        defined=static if isinstance(static, FunctionType) else None,
     )
 
 
