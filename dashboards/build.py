@@ -1,6 +1,6 @@
 """Build polydatum's Grafana dashboards as code and write the JSON Grafana provisions.
 
-    pip install 'polydatum[dashboards]'
+    pip install --group dashboards    # from a checkout (pip >= 25.1)
     python dashboards/build.py            # rewrites every dashboards/*.json it builds
     python dashboards/build.py --check    # exit 1 when a committed JSON is stale
 

@@ -484,9 +484,7 @@ class _DalPath(DalCommand):
         return dal._call_names(self._names or self.names, args, kwargs, command=self)
 
 
-def _call_resolved(
-    c: Any, target: Resolved, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> Any:
+def _call_resolved(c: Any, target: Resolved, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Call the sync method ``target`` resolved to, with no method middleware in the
     way, in a service call span when the lifecycle ``c`` records.
 

@@ -273,7 +273,8 @@ class DataManager(Generic[DalT]):
         cls = self._ctx_class if self.Context is self._ctx_base else self._context_class()
         ctx = cls(self, meta=meta)
         ctx._c.yields_dal = True  # entering it gives its DAL
-        return cast("DalScope[DalT]", ctx)
+        scope: DalScope[DalT] = ctx  # type: ignore[assignment]  # (entered, it gives the DAL)
+        return scope
 
     def get_active_context(self) -> DataAccessContext | None:
         """The active context in this thread / task, or ``None``."""

@@ -786,10 +786,10 @@ class Telemetry:
             and _DEFAULT_METER_PROVIDER is None
             and _global_providers_unset()
             and (
-                (  # structlog still configured with the class known to filter INFO out
-                    (config := _STRUCTLOG_CONFIG).is_configured
-                    and config.default_wrapper_class is _INFO_FILTERED_BY
-                )
+                # structlog unconfigured (polydatum then logs warnings only), or still
+                # configured with the class known to filter INFO out
+                not (config := _STRUCTLOG_CONFIG).is_configured
+                or config.default_wrapper_class is _INFO_FILTERED_BY
                 or not _level_enabled(logging.INFO)
             )
         ):

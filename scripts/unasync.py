@@ -89,7 +89,7 @@ def formatted(text: str) -> str:
     ruff = Path(sys.executable).parent / "ruff"
     command = str(ruff) if ruff.exists() else shutil.which("ruff")
     if command is None:
-        raise SystemExit("scripts/unasync.py needs ruff (pip install -e '.[test]')")
+        raise SystemExit("scripts/unasync.py needs ruff (pip install -e '.[all]' --group test)")
     done = subprocess.run(
         [command, "format", "--stdin-filename", str(TARGET), "-"],
         input=text,

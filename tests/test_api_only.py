@@ -98,3 +98,20 @@ def test_runtime_dependencies_are_declared_minimal() -> None:
         "typing_extensions>=4.12",
     ]
     assert sys.version_info >= (3, 11)
+
+
+def test_development_tools_are_dependency_groups_not_extras() -> None:
+    """Extras are features a user installs (``polydatum[sql]``); the test suite's and the
+    dashboard builder's tools are PEP 735 dependency groups, which .ci/run installs."""
+    import tomllib
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    extras = set(pyproject["project"]["optional-dependencies"])
+    assert extras == {
+        "cli", "sdk", "sql", "postgres", "sql-tracing", "asgi", "fastapi", "flask",
+        "celery", "all",
+    }  # fmt: skip
+    groups = pyproject["dependency-groups"]
+    assert set(groups) == {"dashboards", "test"}
+    assert {"include-group": "dashboards"} in groups["test"]
+    assert "-e '.[all]' --group test" in (ROOT / ".ci" / "run").read_text()

@@ -83,7 +83,7 @@ def test_check_fails_on_a_missing_or_stale_dashboard(
 def test_pinned_grafana_11_flavour() -> None:
     version = metadata.version("grafana-foundation-sdk")
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    pins = pyproject["project"]["optional-dependencies"]["dashboards"]
+    pins = pyproject["dependency-groups"]["dashboards"]
     assert pins == [f"grafana-foundation-sdk=={version}"]
     assert version.endswith("!11.6.0")
 

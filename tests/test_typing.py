@@ -32,7 +32,7 @@ def mypy(*files: Path) -> subprocess.CompletedProcess[str]:
 def pyright(*files: Path) -> subprocess.CompletedProcess[str]:
     executable = BIN / "pyright"
     if not executable.exists():
-        pytest.fail("pyright is not installed: it is in the [test] extra")
+        pytest.fail("pyright is not installed: it is in the test dependency group")
     if shutil.which("node") is None:
         pytest.fail("pyright needs Node.js on PATH (the machine's node)")
     return subprocess.run(
