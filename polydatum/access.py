@@ -29,6 +29,7 @@ from polydatum.middleware import (
     DalCommandRequest,
     PathSegment,
     Resolved,
+    RoutedMethod,
     dal_method_resolver_middleware,
     handle_dal_method,
     method_function,
@@ -232,9 +233,9 @@ class DataAccessLayer:
         state = service.__dict__
         state["_dal_path"] = names
         for attr, _ in public_methods(service):
-            if not isinstance(state.get(attr, _ROUTABLE), _DalPath | _Routable):
+            if not isinstance(state.get(attr, _ROUTABLE), RoutedMethod | _Routable):
                 continue  # the application's own instance attribute
-            state[attr] = _DalPath._from_names(self._call, (*names, attr))
+            state[attr] = _ServiceMethod(self, (*names, attr))
         for key, sub in (state.get("_services") or {}).items():
             self._route(sub, (*names, key))
 
@@ -295,7 +296,7 @@ class DataAccessLayer:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         path: tuple[PathSegment, ...] | None = None,
-        command: _DalPath | None = None,
+        command: _DalPath | _ServiceMethod | None = None,
     ) -> Any:
         c = active_lifecycle()
         if c is None or c.ctx is None:  # none, or one exited in another thread or task
@@ -484,6 +485,42 @@ class _DalPath(DalCommand):
         return dal._call_names(self._names or self.names, args, kwargs, command=self)
 
 
+class _ServiceMethod(RoutedMethod):
+    """``dal.users.get``: what the service instance holds for its public method ``get``
+    (registration puts it there), calling it through the DAL like a command does.
+
+    Not a :class:`DalCommand`: nothing below a method is a path, and a class without
+    ``__getattr__`` has its attribute reads specialised by CPython (benchmarks/README.md).
+    """
+
+    __slots__ = ("_fast", "dal", "names")
+
+    def __init__(self, dal: DataAccessLayer, names: tuple[str, ...]) -> None:
+        self.dal = dal
+        self.names = names
+        #: As :attr:`_DalPath._fast`.
+        self._fast: tuple[list[bool], Resolved] | None = None
+
+    @property
+    def path(self) -> tuple[PathSegment, ...]:
+        """The path as segments (polydatum 1.0's ``command.path``)."""
+        return tuple(PathSegment(n) for n in self.names)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        fast = self._fast
+        if fast is not None and fast[0][0]:  # as in _DalPath.__call__
+            c = active_lifecycle()
+            if c is not None and c.ctx is not None:
+                return _call_resolved(c, fast[1], args, kwargs)
+        return self.dal._call_names(self.names, args, kwargs, command=self)
+
+    def __str__(self) -> str:
+        return ".".join(self.names)
+
+    def __repr__(self) -> str:
+        return f"<DAL method {self}>"
+
+
 def _call_resolved(c: Any, target: Resolved, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Call the sync method ``target`` resolved to, with no method middleware in the
     way, in a service call span when the lifecycle ``c`` records.
@@ -495,15 +532,13 @@ def _call_resolved(c: Any, target: Resolved, args: tuple[Any, ...], kwargs: dict
     """
     service = target.service
     name = target.method
-    defined = target.defined
-    found = service.__dict__.get(name)
-    if (
-        defined is not None
-        and (found is None or found.__class__ is _DalPath)
-        and getattr(type(service), name) is defined
-    ):
-        method = defined
-        args = (service, *args)
+    method = target.defined
+    if method is not None and getattr(type(service), name) is method:
+        found = service.__dict__.get(name)
+        if found is None or found.__class__ is _ServiceMethod:
+            args = (service, *args)
+        else:
+            method = found  # the application's own, on the instance
     else:
         method = service_method(service, name)
     observer = c.observer
@@ -548,7 +583,7 @@ def _unroute(service: Service) -> None:
     if state.pop("_dal_path", None) is None:
         return
     for attr, value in list(state.items()):
-        if isinstance(value, _DalPath):
+        if isinstance(value, _ServiceMethod):
             del state[attr]
     for sub in (state.get("_services") or {}).values():
         _unroute(sub)

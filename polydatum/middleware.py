@@ -33,6 +33,7 @@ __all__ = [
     "DalCommandRequest",
     "DalMethodError",
     "PathSegment",
+    "RoutedMethod",
     "dal_method_resolver_middleware",
     "dal_resolver",
     "find_service",
@@ -149,6 +150,13 @@ class DalCommand:
         return f"<DalCommand {self}>"
 
 
+class RoutedMethod:
+    """The base of what a registered service instance holds for each public method:
+    the DAL's call of it (``dal.users.get``; see ``DataAccessLayer._route``)."""
+
+    __slots__ = ()
+
+
 @dataclass(frozen=True, slots=True)
 class Resolved:
     """A DAL path resolved to a service method (cached per path by the DAL)."""
@@ -204,7 +212,7 @@ def service_method(service: Any, name: str) -> Any:
     runs the method middleware and tracing, then this method).
     """
     found = service.__dict__.get(name)
-    if found is not None and not isinstance(found, DalCommand):
+    if found is not None and not isinstance(found, RoutedMethod):
         return found
     cls = type(service)
     attr = cls.__dict__.get(name)

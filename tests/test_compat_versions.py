@@ -179,7 +179,7 @@ def test_patching_a_service_method_is_honoured_by_every_way_of_calling_it() -> N
             assert dal.users.name(1) == "patched instance"
             assert dal["users.name"](1) == "patched instance"
         assert dal.users.name(1) == "user 1"
-        assert isinstance(users.__dict__["name"], DalCommand)  # restored
+        assert repr(users.__dict__["name"]) == "<DAL method users.name>"  # restored
 
 
 def test_a_misspelt_method_of_a_service_is_an_attribute_error_at_once() -> None:
