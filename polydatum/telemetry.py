@@ -74,6 +74,7 @@ __all__ = [
     "Telemetry",
     "configure_logging",
     "disable",
+    "disabled_by_environment",
     "enable",
     "end_span",
     "error_type",
@@ -97,9 +98,27 @@ DURATION_BUCKETS: tuple[float, ...] = (
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 
-_ENABLED = "polydatum" not in {
-    s.strip() for s in os.environ.get("OTEL_PYTHON_DISABLED_INSTRUMENTATIONS", "").split(",")
-}
+#: The environment variable that turns instrumentations off (a comma-separated list of
+#: names; ``*`` names them all), as ``opentelemetry-instrument`` reads it.
+DISABLED_INSTRUMENTATIONS_VAR = "OTEL_PYTHON_DISABLED_INSTRUMENTATIONS"
+
+# The switch, as OpenTelemetry's instrumentors have it. ``PolydatumInstrumentor().
+# instrument()`` calls enable(), ``uninstrument()`` disable():
+#
+# * _ENABLED: whether DataManagers created without providers of their own record (to
+#   the providers given to enable(), else the global ones). A DataManager given
+#   ``tracer_provider=`` / ``meter_provider=`` was instrumented explicitly by the
+#   application, like an app passed to a contrib ``instrument_app()``: disable() leaves
+#   it (and only the providers it was given) recording.
+# * _DISABLED_BY_ENVIRONMENT: whether OTEL_PYTHON_DISABLED_INSTRUMENTATIONS names
+#   polydatum. ``None`` until read: once per process, when the first context of any
+#   DataManager opens (or is_enabled() / disabled_by_environment() asks), not at import,
+#   so that a variable set after ``import polydatum`` but before the first context
+#   counts. While it says so, no DataManager records, explicit providers or not (it is
+#   the operator's switch). enable() in code overrides it, as contrib's instrument()
+#   does (the variable only keeps ``opentelemetry-instrument`` from calling it).
+_ENABLED = True
+_DISABLED_BY_ENVIRONMENT: bool | None = None
 
 
 #: Providers for DataManagers created without their own (set by :func:`enable`);
@@ -108,25 +127,41 @@ _DEFAULT_TRACER_PROVIDER: Any = None
 _DEFAULT_METER_PROVIDER: Any = None
 
 
-def enable(tracer_provider: Any = None, meter_provider: Any = None) -> None:
-    """Turn polydatum's telemetry on (the default, unless disabled by the environment).
+def disabled_by_environment() -> bool:
+    """Whether ``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS`` turns polydatum off: it names
+    ``polydatum`` (or ``*``) and :func:`enable` was not called. The variable is read
+    once per process, the first time this is asked (the first context asks)."""
+    global _DISABLED_BY_ENVIRONMENT
+    disabled = _DISABLED_BY_ENVIRONMENT
+    if disabled is None:
+        names = {s.strip() for s in os.environ.get(DISABLED_INSTRUMENTATIONS_VAR, "").split(",")}
+        disabled = _DISABLED_BY_ENVIRONMENT = bool(names & {INSTRUMENTATION_NAME, "*"})
+    return disabled
 
-    ``tracer_provider`` / ``meter_provider`` (what ``PolydatumInstrumentor().instrument()``
-    passes on) become the providers of every DataManager that was not given its own;
-    otherwise those use the global providers.
+
+def enable(tracer_provider: Any = None, meter_provider: Any = None) -> None:
+    """Turn polydatum's telemetry on for every DataManager (``instrument()`` calls it).
+
+    DataManagers created without providers of their own record to ``tracer_provider`` /
+    ``meter_provider`` when given, else to the global providers (looked up per context).
+    Overrides ``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS``, as code that calls a contrib
+    instrumentor's ``instrument()`` does.
     """
-    global _ENABLED, _DEFAULT_TRACER_PROVIDER, _DEFAULT_METER_PROVIDER
+    global _ENABLED, _DISABLED_BY_ENVIRONMENT, _DEFAULT_TRACER_PROVIDER, _DEFAULT_METER_PROVIDER
     _ENABLED = True
-    if tracer_provider is not None:
-        _DEFAULT_TRACER_PROVIDER = tracer_provider
-    if meter_provider is not None:
-        _DEFAULT_METER_PROVIDER = meter_provider
+    _DISABLED_BY_ENVIRONMENT = False
+    _DEFAULT_TRACER_PROVIDER = tracer_provider
+    _DEFAULT_METER_PROVIDER = meter_provider
 
 
 def disable() -> None:
-    """Turn polydatum's telemetry off (as ``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS=polydatum``).
+    """Turn polydatum's telemetry off for DataManagers on the default providers
+    (``uninstrument()`` calls it).
 
-    Also forgets providers given to :func:`enable`.
+    Forgets the providers given to :func:`enable`. A DataManager created with its own
+    ``tracer_provider`` / ``meter_provider`` keeps recording to that provider: the
+    application chose it, as it chooses to instrument an app explicitly with a contrib
+    instrumentor's ``instrument_app()``, which ``uninstrument()`` leaves alone.
     """
     global _ENABLED, _DEFAULT_TRACER_PROVIDER, _DEFAULT_METER_PROVIDER
     _ENABLED = False
@@ -135,8 +170,9 @@ def disable() -> None:
 
 
 def is_enabled() -> bool:
-    """Whether polydatum records telemetry at all."""
-    return _ENABLED
+    """Whether DataManagers on the default providers record: not after :func:`disable`,
+    nor while :func:`disabled_by_environment`."""
+    return _ENABLED and not disabled_by_environment()
 
 
 def error_type(error: BaseException) -> str:
@@ -746,8 +782,8 @@ class Telemetry:
         """The tracer to use now, or ``None`` when tracing would record nothing."""
         provider = self.tracer_provider or _DEFAULT_TRACER_PROVIDER
         if provider is None:
-            if not _global_tracer_provider_set():
-                return None
+            if not _ENABLED or not _global_tracer_provider_set():
+                return None  # disable()d, or no global provider
             provider = trace.get_tracer_provider()
         if isinstance(provider, trace.NoOpTracerProvider):
             return None
@@ -762,8 +798,8 @@ class Telemetry:
         """The metric instruments to use now, or ``None`` when metrics would record nothing."""
         provider = self.meter_provider or _DEFAULT_METER_PROVIDER
         if provider is None:
-            if not _global_meter_provider_set():
-                return None
+            if not _ENABLED or not _global_meter_provider_set():
+                return None  # disable()d, or no global provider
             provider = otel_metrics.get_meter_provider()
         if isinstance(provider, otel_metrics.NoOpMeterProvider):
             return None
@@ -774,7 +810,9 @@ class Telemetry:
 
     def start(self, ctx: ObservedContext) -> ContextTelemetry | None:
         """Begin recording one context, or ``None`` when nothing would record."""
-        if not _ENABLED:
+        if not _ENABLED and self.tracer_provider is None and self.meter_provider is None:
+            return None  # disable()d, and no provider of its own
+        if _DISABLED_BY_ENVIRONMENT is not False and disabled_by_environment():
             return None
         provider: Any = self.tracer_provider
         if provider is not None and provider is self._tracer_for:

@@ -153,9 +153,11 @@ def test_instrument_and_uninstrument_in_process(on_path: Any) -> None:
 
     assert get_dependency_conflicts(instrumentor.instrumentation_dependencies()) is None
     with TelemetryCapture() as cap:
-        dm = cap.data_manager()
+        dm = DataManager()  # on the default providers: those instrument() is given
         dm.register_services(books=Books())
-        instrumentor.instrument()
+        instrumentor.instrument(
+            tracer_provider=cap.tracer_provider, meter_provider=cap.meter_provider
+        )
         assert telemetry.is_enabled()
         with dm.dal() as dal:
             dal.books.get(1)
@@ -207,3 +209,185 @@ def test_the_instrumentation_follows_polydatums_version() -> None:
     assert scope["_instruments"] == (f"polydatum >= {POLYDATUM_VERSION}",)
     project = tomllib.loads((DIST / "pyproject.toml").read_text())["project"]
     assert project["optional-dependencies"]["instruments"] == [f"polydatum>={POLYDATUM_VERSION}"]
+
+
+def run_script(installed: Path, tmp_path: Path, script: str, **env: str) -> Any:
+    """Run ``script`` with the distribution importable; its last stdout line, as JSON."""
+    (tmp_path / "script.py").write_text(textwrap.dedent(script))
+    environment = {**os.environ, "PYTHONPATH": str(installed)}
+    environment.pop("OTEL_PYTHON_DISABLED_INSTRUMENTATIONS", None)
+    environment.update(env)
+    done = subprocess.run(
+        [sys.executable, "script.py"],
+        cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# Providers that record in memory, and a DataManager whose contexts say which step ran
+# them (the ``step`` Meta key, recorded on the context span).
+SCRIPT_PRELUDE = """
+import json, os
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from polydatum import DataManager, Service, telemetry
+
+
+class Sink:
+    def __init__(self):
+        self.exporter = InMemorySpanExporter()
+        self.tracer_provider = TracerProvider()
+        self.tracer_provider.add_span_processor(SimpleSpanProcessor(self.exporter))
+        self.reader = InMemoryMetricReader()
+        self.meter_provider = MeterProvider(metric_readers=[self.reader])
+
+    def steps(self):
+        return [s.attributes["polydatum.meta.step"] for s in self.exporter.get_finished_spans()
+                if s.name == "polydatum.context"]
+
+    def contexts_measured(self):
+        data = self.reader.get_metrics_data()
+        return sum(p.count for rm in (data.resource_metrics if data else [])
+                   for sm in rm.scope_metrics for m in sm.metrics
+                   if m.name == "polydatum.context.duration" for p in m.data.data_points)
+
+
+class Books(Service):
+    def get(self, book_id):
+        return book_id
+
+
+def app(**providers):
+    dm = DataManager(meta_attributes=["step"], **providers)
+    dm.register_services(books=Books())
+    return dm
+
+
+def run(dm, step):
+    with dm.dal({"step": step}) as dal:
+        dal.books.get(1)
+"""
+
+
+def test_instrument_without_providers_records_to_the_global_providers(
+    installed: Path, tmp_path: Path
+) -> None:
+    """``instrument()`` without providers: DataManagers without their own record to the
+    global providers, also after an ``instrument(tracer_provider=...)`` was undone."""
+    script = (
+        SCRIPT_PRELUDE
+        + """
+from opentelemetry.instrumentation.polydatum import PolydatumInstrumentor
+
+world, given = Sink(), Sink()
+trace.set_tracer_provider(world.tracer_provider)
+metrics.set_meter_provider(world.meter_provider)
+dm = app()
+instrumentor = PolydatumInstrumentor()
+instrumentor.instrument(tracer_provider=given.tracer_provider,
+                        meter_provider=given.meter_provider)
+run(dm, "given")
+instrumentor.uninstrument()
+run(dm, "uninstrumented")
+instrumentor.instrument()
+run(dm, "global")
+print(json.dumps({
+    "global": [world.steps(), world.contexts_measured()],
+    "given": [given.steps(), given.contexts_measured()],
+}))
+"""
+    )
+    assert run_script(installed, tmp_path, script) == {
+        "global": [["global"], 1],
+        "given": [["given"], 1],
+    }
+
+
+def test_uninstrument_leaves_explicitly_given_providers_recording(on_path: Any) -> None:
+    """``uninstrument()`` turns off what ``instrument()`` turned on: DataManagers on the
+    default providers. A provider a DataManager was given is the application's choice and
+    keeps recording (as an app instrumented with a contrib ``instrument_app()`` stays
+    instrumented): ``own`` receives its spans and metrics before and after; ``half`` (its
+    own tracer provider, the default meter provider) keeps its spans only."""
+    with TelemetryCapture() as default, TelemetryCapture() as own:
+        plain = DataManager(meta_attributes=["step"])
+        explicit = own.data_manager(meta_attributes=["step"])
+        half = DataManager(tracer_provider=own.tracer_provider, meta_attributes=["step"])
+        for dm in (plain, explicit, half):
+            dm.register_services(books=Books())
+
+        def run(dm: DataManager, step: str) -> None:
+            with dm.dal({"step": step}) as dal:
+                dal.books.get(1)
+
+        instrumentor = on_path()
+        instrumentor.instrument(
+            tracer_provider=default.tracer_provider, meter_provider=default.meter_provider
+        )
+        run(plain, "plain on")
+        run(explicit, "explicit on")
+        run(half, "half on")
+        instrumentor.uninstrument()
+        assert not telemetry.is_enabled()
+        run(plain, "plain off")
+        run(explicit, "explicit off")
+        run(half, "half off")
+
+        def steps(cap: TelemetryCapture) -> list[str]:
+            return [
+                str(s.attributes["polydatum.meta.step"])
+                for s in cap.spans()
+                if s.name == "polydatum.context"
+            ]
+
+        assert steps(default) == ["plain on"]
+        assert steps(own) == ["explicit on", "half on", "explicit off", "half off"]
+        assert default.metric("polydatum.context.duration").value == 2  # plain on, half on
+        assert own.metric("polydatum.context.duration").value == 2  # explicit on and off
+
+
+def test_disabled_instrumentations_is_read_at_the_first_context(
+    installed: Path, tmp_path: Path
+) -> None:
+    """The variable is read once, when the first context opens (not at import): set after
+    ``import polydatum`` it counts; changed later it does not; while it names polydatum
+    no DataManager records, one with its own providers included; ``instrument()`` in code
+    overrides it."""
+    script = (
+        SCRIPT_PRELUDE
+        + """
+from opentelemetry.instrumentation.polydatum import PolydatumInstrumentor
+
+sink = Sink()
+trace.set_tracer_provider(sink.tracer_provider)
+own = Sink()
+plain, explicit = app(), app(tracer_provider=own.tracer_provider)
+os.environ["OTEL_PYTHON_DISABLED_INSTRUMENTATIONS"] = os.environ.pop("LATER")
+run(plain, "set after import")
+run(explicit, "explicit, set after import")
+del os.environ["OTEL_PYTHON_DISABLED_INSTRUMENTATIONS"]
+run(plain, "unset later")
+before = telemetry.is_enabled()
+PolydatumInstrumentor().instrument()
+run(plain, "instrumented")
+run(explicit, "explicit, instrumented")
+print(json.dumps({"global": sink.steps(), "own": own.steps(),
+                  "enabled": [before, telemetry.is_enabled()]}))
+"""
+    )
+    for value in ("flask, polydatum", "*"):
+        assert run_script(installed, tmp_path, script, LATER=value) == {
+            "global": ["instrumented"],
+            "own": ["explicit, instrumented"],
+            "enabled": [False, True],
+        }, value
+    assert run_script(installed, tmp_path, script, LATER="flask") == {
+        "global": ["set after import", "unset later", "instrumented"],
+        "own": ["explicit, set after import", "explicit, instrumented"],
+        "enabled": [True, True],
+    }

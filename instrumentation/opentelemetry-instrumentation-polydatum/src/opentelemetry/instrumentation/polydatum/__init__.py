@@ -8,9 +8,14 @@ follow the OpenTelemetry conventions for instrumentations:
   through the ``opentelemetry_instrumentor`` entry point and calls ``instrument()``,
   which turns polydatum's telemetry on; spans and metrics go to whatever SDK the
   application (or an OpenTelemetry distro) configured as the global providers.
-* ``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS=polydatum`` turns it off: the instrumentor
-  is then never loaded, and polydatum reads the same variable when it is imported.
-* ``PolydatumInstrumentor().uninstrument()`` turns it off at run time.
+* ``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS=polydatum`` (or ``*``) turns it off: the
+  instrumentor is then never loaded, and polydatum reads the same variable itself,
+  once, when the first context of any DataManager opens (not at import). While it
+  names polydatum, no DataManager records. Calling ``instrument()`` in code overrides
+  it, as it does for contrib's instrumentors (the variable only keeps
+  ``opentelemetry-instrument`` from calling them).
+* ``PolydatumInstrumentor().uninstrument()`` turns off what ``instrument()`` turned on:
+  the DataManagers that record to the default providers.
 
 Usage without the ``opentelemetry-instrument`` wrapper::
 
@@ -18,10 +23,14 @@ Usage without the ``opentelemetry-instrument`` wrapper::
 
     PolydatumInstrumentor().instrument()
 
-Providers: a DataManager created with ``tracer_provider=`` / ``meter_provider=`` uses
-those; every other DataManager uses the providers passed to
-``instrument(tracer_provider=..., meter_provider=...)`` if any, else the global
-providers, looked up per context (so an SDK configured later is picked up).
+Providers: a DataManager created with ``tracer_provider=`` / ``meter_provider=`` was
+instrumented explicitly by the application, like an app given to a contrib
+instrumentor's ``instrument_app()``: it records to those providers whether or not this
+instrumentor is instrumented, and ``uninstrument()`` leaves it (and only the providers
+it was given) recording. Every other DataManager uses the providers passed to
+``instrument(tracer_provider=..., meter_provider=...)``, or the global providers when
+``instrument()`` got none, looked up per context (so an SDK configured later is picked
+up); after ``uninstrument()`` it records nothing.
 """
 
 from __future__ import annotations
