@@ -29,10 +29,13 @@ The pieces
     itself), and is always closed (its connection returns to the pool). One engine
     (``.engine``) per resource, created with the resource and kept for the life of the
     DataManager; ``.dispose()`` closes its pool. ``ping()`` runs ``SELECT 1``
-    (``dm.ping()`` calls it). ``telemetry_attributes`` holds ``db.system.name``,
-    ``db.namespace`` and, for a server database, ``server.address`` and
-    ``server.port`` (when the URL names it); polydatum adds them to the resource's
-    setup/teardown spans. Passwords never appear in attributes or ``repr``.
+    (``dm.ping()`` calls it). ``telemetry_attributes`` holds
+    ``polydatum.db.system.name``, ``polydatum.db.namespace`` and, for a server
+    database, ``polydatum.db.server.address`` and ``polydatum.db.server.port`` (when
+    the URL names it); polydatum adds them to the resource's setup/teardown spans,
+    which are INTERNAL (no round trip to the database): the semantic conventions'
+    ``db.*`` names belong to the CLIENT spans of the statements (see "Statement
+    spans"). Passwords never appear in attributes or ``repr``.
 
     A failed *commit* is never success: the resource rolls back and raises
     :class:`polydatum.errors.CommitError` (``__cause__``: the database's error),
@@ -70,6 +73,11 @@ The pieces
     although one of its statements failed (its error caught inside the block) is
     rolled back to the savepoint and raises :class:`TransactionAbortedError`.
 
+``trace_sql_statements(engine, tracer_provider=None, meter_provider=None)``
+    SQL statement spans for one engine, from ``opentelemetry-instrumentation-
+    sqlalchemy``: see "Statement spans" below. Returns a :class:`StatementTracing`
+    (on or off, why, the attribute names; ``describe()`` says it in one line).
+
 ``configure_sql(dm, url=None, settings=None, ...) -> SQLBackend``
     The one line an application needs: registers ``db`` (a :class:`SQLResource`, or an
     :class:`AsyncSQLResource` with ``asyncio=True``) and ``safe`` (a
@@ -80,6 +88,24 @@ The pieces
     and the session holds that lock until it commits) nor for a connection that
     sessions hold (as many concurrent contexts as the pool has connections would
     otherwise leave none for the safe).
+
+Statement spans
+---------------
+``configure_sql(..., trace_statements=True)`` (or :func:`trace_sql_statements` on a
+resource's ``engine``) adds contrib's engine tracer to the engines it made, for the
+DataManager's own providers (else the global ones): one CLIENT span per statement,
+under the service call that ran it, with the database's ``db.*`` names. Only those
+engines are touched. Off (and ``SQLBackend.statement_tracing`` says why) without the
+``sql-tracing`` extra, when ``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS`` names
+``sqlalchemy``, or when the installed SQLAlchemy is outside both contrib's declared range
+and :data:`polydatum.sql_engine.STATEMENT_TRACING_TESTED`. An engine contrib traces
+already (``opentelemetry-instrument``, or ``SQLAlchemyInstrumentor().instrument()``
+before the engine was made) is not traced twice. contrib names the attributes after
+``OTEL_SEMCONV_STABILITY_OPT_IN``, read once per process: ``database,http`` gives the
+stable names (``db.system.name``, ``db.namespace``, ``db.query.text``,
+``server.address``, ``server.port``); unset, the old ones (``db.system``, ``db.name``,
+``db.statement``, ``net.peer.name``...). contrib offers no per-engine choice, and
+polydatum does not set the variable for the process behind the application's back.
 
 Caught statement errors
 -----------------------
@@ -154,10 +180,13 @@ from polydatum.safe import SafeStore
 from polydatum.sql_engine import (
     DEFAULT_DATABASE_URL,
     ENV_VAR,
+    StatementTracing,
     create_sql_engine,
     database_url,
     failures_of,
     parse_database_url,
+    resource_attributes_for,
+    trace_sql_statements,
     url_for_flavour,
 )
 
@@ -180,6 +209,7 @@ __all__ = [
     "AsyncSQLResource",
     "SQLBackend",
     "SQLResource",
+    "StatementTracing",
     "TransactionAbortedError",
     "asavepoint",
     "async_transaction_middleware",
@@ -188,6 +218,7 @@ __all__ = [
     "database_url",
     "safe_database_url",
     "savepoint",
+    "trace_sql_statements",
     "transaction_middleware",
 ]
 
@@ -574,7 +605,7 @@ class SQLResource:
         self.engine: Engine = create_sql_engine(self.url, engine_options=engine_options)
         self.session_options: dict[str, Any] = {"expire_on_commit": False}
         self.session_options.update(session_options or {})
-        self.telemetry_attributes: dict[str, str | int] = telemetry_attributes_for(self.url)
+        self.telemetry_attributes: dict[str, str | int] = resource_attributes_for(self.url)
         self._units = _OpenUnits()  # of the contexts that have this resource's session open
 
     def __call__(self, context: DataAccessContext) -> Generator[Session, None, None]:
@@ -629,7 +660,7 @@ class AsyncSQLResource:
         self.engine: AsyncEngine = create_async_sql_engine(self.url, engine_options=engine_options)
         self.session_options: dict[str, Any] = {"expire_on_commit": False}
         self.session_options.update(session_options or {})
-        self.telemetry_attributes: dict[str, str | int] = telemetry_attributes_for(self.url)
+        self.telemetry_attributes: dict[str, str | int] = resource_attributes_for(self.url)
         self._units = _OpenUnits()
 
     def _new_session(self) -> AsyncSession:
@@ -862,11 +893,15 @@ def safe_database_url(url: str) -> str:
 
 @dataclass(frozen=True)
 class SQLBackend:
-    """What :func:`configure_sql` registered: the URL (password hidden), ``db`` and ``safe``."""
+    """What :func:`configure_sql` registered: the URL (password hidden), ``db`` and ``safe``,
+    and whether statements are traced."""
 
     url: str
     db: SQLResource | AsyncSQLResource
     safe: SafeStore | None
+    #: Whether ``db``'s statements are traced, and why (not); ``None`` without
+    #: ``configure_sql(..., trace_statements=True)``.
+    statement_tracing: StatementTracing | None = None
 
     def dispose(self) -> None:
         """Close the sync pools (the safe's and a sync ``db``'s); use :meth:`adispose` for
@@ -895,6 +930,7 @@ def configure_sql(
     safe_url: str | None = None,
     serializer: str = "json",
     transaction: bool = False,
+    trace_statements: bool = False,
 ) -> SQLBackend:
     """Register the SQL resource and the safe on ``dm`` from one URL.
 
@@ -907,6 +943,13 @@ def configure_sql(
     engines. ``serializer`` is the safe's value format (``"json"``, or ``"pickle"``
     for trusted data only). ``transaction=True`` also registers
     :func:`transaction_middleware` (sync) or :func:`async_transaction_middleware`.
+    ``trace_statements=True`` traces the statements of both engines with
+    ``opentelemetry-instrumentation-sqlalchemy`` (:func:`trace_sql_statements`), for
+    ``dm``'s own tracer and meter providers, else the global ones;
+    ``SQLBackend.statement_tracing`` says whether that happened for ``db``, and why
+    not. Off by default: contrib's tracer does its work for every statement even when
+    nothing records (and ``opentelemetry-instrument`` traces every engine anyway, with
+    a SQLAlchemy in the range contrib declares).
     """
     resolved = database_url(url, settings)
     db: SQLResource | AsyncSQLResource
@@ -930,4 +973,13 @@ def configure_sql(
             if asyncio
             else transaction_middleware(resource_name)
         )
-    return SQLBackend(db.url.render_as_string(hide_password=True), db, safe)
+    tracing: StatementTracing | None = None
+    if trace_statements:
+        providers = {
+            "tracer_provider": dm.telemetry.tracer_provider,
+            "meter_provider": dm.telemetry.meter_provider,
+        }
+        tracing = trace_sql_statements(db.engine, **providers)
+        if safe is not None:
+            trace_sql_statements(safe.engine, **providers)
+    return SQLBackend(db.url.render_as_string(hide_password=True), db, safe, tracing)

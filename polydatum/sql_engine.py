@@ -25,36 +25,49 @@ What it holds:
 from __future__ import annotations
 
 import os
+import sys
+import weakref
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 try:
-    from sqlalchemy import Connection, Engine, create_engine, event
+    import sqlalchemy
+    import sqlalchemy.ext.asyncio as sqlalchemy_asyncio
+    from sqlalchemy import Connection, Engine, event
     from sqlalchemy.engine import URL, ExceptionContext, make_url
     from sqlalchemy.exc import ArgumentError, DBAPIError
-    from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+    from sqlalchemy.ext.asyncio import AsyncEngine
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError(
         "polydatum.sql_engine needs SQLAlchemy 2.x: pip install 'polydatum[sql]' "
         "(and 'polydatum[postgres]' for PostgreSQL)"
     ) from error
 
+
 __all__ = [
     "DATA_DIR_ENV_VAR",
     "DEFAULT_DATABASE_FILE",
     "DEFAULT_DATABASE_URL",
     "ENV_VAR",
+    "SEMCONV_OPT_IN_VAR",
     "SETTINGS_KEY",
     "SQLITE_BEGIN_OPTION",
     "SQLITE_PRAGMAS",
+    "STABLE_OPT_IN",
+    "STATEMENT_TRACING_TESTED",
     "StatementFailures",
+    "StatementTracing",
     "create_async_sql_engine",
     "create_sql_engine",
     "database_url",
     "default_database_url",
     "failures_of",
     "parse_database_url",
+    "resource_attributes_for",
+    "semconv_opt_in_modes",
     "telemetry_attributes_for",
+    "trace_sql_statements",
     "url_for_flavour",
 ]
 
@@ -188,7 +201,9 @@ def url_for_flavour(url: URL, *, asyncio: bool) -> URL:
 def telemetry_attributes_for(url: URL) -> dict[str, str | int]:
     """``db.system.name``, ``db.namespace`` and, for servers, ``server.address``/``server.port``.
 
-    Never the user name or password.
+    The stable semantic-conventions names of a database client call to ``url``; never
+    the user name or password. They describe a CLIENT span (a round trip to the
+    database); polydatum's own INTERNAL spans carry :func:`resource_attributes_for`.
     """
     backend = url.get_backend_name()
     attrs: dict[str, str | int] = {"db.system.name": _SYSTEM_NAMES.get(backend, backend)}
@@ -201,6 +216,30 @@ def telemetry_attributes_for(url: URL) -> dict[str, str | int]:
         if url.port is not None:
             attrs["server.port"] = url.port
     return attrs
+
+
+#: :func:`resource_attributes_for`'s name for each of :func:`telemetry_attributes_for`'s.
+RESOURCE_ATTRIBUTE_NAMES = {
+    "db.system.name": "polydatum.db.system.name",
+    "db.namespace": "polydatum.db.namespace",
+    "server.address": "polydatum.db.server.address",
+    "server.port": "polydatum.db.server.port",
+}
+
+
+def resource_attributes_for(url: URL) -> dict[str, str | int]:
+    """The database a resource on ``url`` opens, under polydatum's own names:
+    ``polydatum.db.system.name``, ``polydatum.db.namespace`` and, for servers,
+    ``polydatum.db.server.address`` / ``polydatum.db.server.port``.
+
+    What the SQL resources' setup and teardown spans carry. Those spans are INTERNAL:
+    creating or closing a session is no round trip to the database, and the semantic
+    conventions' ``db.*`` names describe a database client call (a CLIENT span, which
+    backends draw as a call to the database), as the statement spans of
+    ``opentelemetry-instrumentation-sqlalchemy`` are. The values are
+    :func:`telemetry_attributes_for`'s; never the user name or password.
+    """
+    return {RESOURCE_ATTRIBUTE_NAMES[k]: v for k, v in telemetry_attributes_for(url).items()}
 
 
 # ---------------------------------------------------------------------- engines
@@ -265,10 +304,14 @@ def create_sql_engine(
     )
     options = _engine_options(parsed, engine_options)
     pragmas = _sqlite_pragmas(options) if parsed.get_backend_name() == "sqlite" else None
-    engine = create_engine(parsed, **options)
+    # Looked up at each call: when SQLAlchemyInstrumentor().instrument() has wrapped
+    # create_engine (opentelemetry-instrument does), polydatum's engines are traced like
+    # the application's own, whenever polydatum.sql_engine was imported.
+    engine = sqlalchemy.create_engine(parsed, **options)
     if pragmas is not None:
         _install_sqlite_hooks(engine, pragmas)
     _install_failure_tracking(engine)
+    _note_contrib_tracing(engine)
     return engine
 
 
@@ -281,10 +324,11 @@ def create_async_sql_engine(
     )
     options = _engine_options(parsed, engine_options)
     pragmas = _sqlite_pragmas(options) if parsed.get_backend_name() == "sqlite" else None
-    engine = create_async_engine(parsed, **options)
+    engine = sqlalchemy_asyncio.create_async_engine(parsed, **options)
     if pragmas is not None:
         _install_sqlite_hooks(engine.sync_engine, pragmas)
     _install_failure_tracking(engine.sync_engine)
+    _note_contrib_tracing(engine.sync_engine)
     return engine
 
 
@@ -384,3 +428,253 @@ def _install_failure_tracking(engine: Engine) -> None:
     event.listen(engine, "rollback_savepoint", _track_rollback_savepoint)
     event.listen(engine, "release_savepoint", _track_release_savepoint)
     event.listen(engine, "handle_error", _track_error)
+
+
+# ------------------------------------------------------------ statement spans
+#
+# SQL statement spans (CLIENT, one per statement, nested under the service call that ran
+# it) come from opentelemetry-instrumentation-sqlalchemy (the ``sql-tracing`` extra).
+# trace_sql_statements() puts contrib's engine tracer on one engine, for the providers it
+# is given, and says whether statements are traced and which attribute names the spans
+# carry: contrib follows OTEL_SEMCONV_STABILITY_OPT_IN, read once per process.
+
+#: The SQLAlchemy versions with which polydatum's tests run contrib's statement spans
+#: (tests/test_sql_tracing.py: spans, errors, sync and asyncio, SQLite and PostgreSQL).
+#: Within them statements are traced also where contrib declares a narrower range
+#: (0.66b1: ``sqlalchemy < 2.1.0``) and its instrumentor would refuse to start.
+STATEMENT_TRACING_TESTED = ">=2.0,<2.2"
+
+#: The variable from which contrib's instrumentations read which semantic conventions
+#: to follow (once per process, when the first of them starts).
+SEMCONV_OPT_IN_VAR = "OTEL_SEMCONV_STABILITY_OPT_IN"
+#: The value of ``OTEL_SEMCONV_STABILITY_OPT_IN`` under which contrib's statement spans
+#: carry the stable names polydatum's schema URL stands for (``database``: ``db.*``;
+#: ``http``: ``server.address`` / ``server.port``, which contrib ties to the HTTP opt-in).
+STABLE_OPT_IN = "database,http"
+
+_DB_NAMES = {
+    "default": ("db.system", "db.name", "db.statement"),
+    "database": ("db.system.name", "db.namespace", "db.query.text"),
+}
+_SERVER_NAMES = {
+    "default": ("net.peer.name", "net.peer.port"),
+    "http": ("server.address", "server.port"),
+}
+
+
+def semconv_opt_in_modes(value: str | None = None) -> tuple[str, str]:
+    """The database and HTTP modes ``OTEL_SEMCONV_STABILITY_OPT_IN`` selects (``value``,
+    else the environment's), as contrib's instrumentations read it: ``"default"`` (the
+    old names), ``"database"`` / ``"http"`` (the stable ones) or ``"database/dup"`` /
+    ``"http/dup"`` (both; ``/dup`` wins).
+
+    contrib reads the variable once per process, when its first instrumentation starts;
+    this reads it now. They agree unless the variable changes in between (it is a
+    deployment setting; polydatum reads no private state of contrib to know better).
+    """
+    if value is None:
+        value = os.environ.get(SEMCONV_OPT_IN_VAR)
+    names = {part.strip() for part in (value or "").split(",")}
+    modes = []
+    for signal in ("database", "http"):
+        if f"{signal}/dup" in names:
+            modes.append(f"{signal}/dup")
+        elif signal in names:
+            modes.append(signal)
+        else:
+            modes.append("default")
+    return modes[0], modes[1]
+
+
+def _names(mode: str, names: Mapping[str, tuple[str, ...]], stable: str) -> tuple[str, ...]:
+    if mode.endswith("/dup"):
+        return names[stable] + names["default"]
+    return names[stable] if mode == stable else names["default"]
+
+
+@dataclass(frozen=True)
+class StatementTracing:
+    """Whether an engine's SQL statements become spans, and why (not).
+
+    ``enabled``: statements are traced. ``traced_here``: by the engine tracer that
+    :func:`trace_sql_statements` added, to the providers it was given (``False`` when
+    contrib already traced the engine, to the providers contrib was given). ``reason``:
+    why, in words. ``semconv``: the database and HTTP modes of
+    ``OTEL_SEMCONV_STABILITY_OPT_IN`` contrib's spans follow (``"default"``: the old
+    names).
+    """
+
+    enabled: bool
+    traced_here: bool
+    reason: str
+    semconv: tuple[str, str] = ("default", "default")
+
+    @property
+    def stable_names(self) -> bool:
+        """Whether the spans carry the stable ``db.*`` and ``server.*`` names."""
+        return self.semconv[0] != "default" and self.semconv[1] != "default"
+
+    @property
+    def attribute_names(self) -> tuple[str, ...]:
+        """The names of the database's system, namespace, statement and server on the
+        statement spans (a SQLite database has no server attributes)."""
+        database, http = self.semconv
+        return _names(database, _DB_NAMES, "database") + _names(http, _SERVER_NAMES, "http")
+
+    def describe(self) -> str:
+        """One line: on or off, why, and (on) the attribute names."""
+        if not self.enabled:
+            return f"SQL statement spans: off ({self.reason})"
+        line = (
+            f"SQL statement spans: on ({self.reason}); their attributes: "
+            f"{', '.join(self.attribute_names)}"
+        )
+        if not self.stable_names:
+            line += (
+                f"; for the stable names polydatum's spans follow, set "
+                f"{SEMCONV_OPT_IN_VAR}={STABLE_OPT_IN} before the first "
+                f"instrumentation runs"
+            )
+        return line
+
+
+#: What :func:`trace_sql_statements` said of each engine it traced.
+_traced: weakref.WeakKeyDictionary[Engine, StatementTracing] = weakref.WeakKeyDictionary()
+#: Engines made while ``SQLAlchemyInstrumentor().instrument()`` was in effect: contrib's
+#: ``create_engine`` wrapper traced them as it made them.
+_traced_by_contrib: weakref.WeakSet[Engine] = weakref.WeakSet()
+#: The scope (and tracer name) of contrib's SQLAlchemy spans.
+_CONTRIB_SCOPE = "opentelemetry.instrumentation.sqlalchemy"
+#: The metric contrib's engine tracer keeps, named and united as contrib's instrumentor
+#: creates it: engines traced here and by contrib then feed the one instrument.
+_CONNECTIONS_METRIC = ("db.client.connections.usage", "connections")
+
+
+def _contrib_instrumented() -> bool:
+    """Whether ``SQLAlchemyInstrumentor().instrument()`` is in effect (never imports
+    contrib: not imported, it cannot have been called)."""
+    if _CONTRIB_SCOPE not in sys.modules:
+        return False
+    try:
+        from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
+    except ImportError:  # pragma: no cover - a broken install
+        return False
+    return bool(SQLAlchemyInstrumentor().is_instrumented_by_opentelemetry)
+
+
+def _note_contrib_tracing(engine: Engine) -> None:
+    """Remember an engine contrib's ``create_engine`` wrapper traced as it was made."""
+    if _contrib_instrumented():
+        _traced_by_contrib.add(engine)
+
+
+def _new_engine_tracer(engine: Engine, tracer_provider: Any, meter_provider: Any) -> None:
+    """contrib's engine tracer on ``engine``, as ``instrument(engine=...)`` makes it: the
+    tracer named after contrib (its version; no schema URL, which contrib derives from
+    state of its own), the connection metric on ``meter_provider``. ``EngineTracer`` is
+    public but undocumented: a version that takes other arguments raises TypeError."""
+    from opentelemetry import metrics, trace
+    from opentelemetry.instrumentation.sqlalchemy.engine import EngineTracer
+    from opentelemetry.instrumentation.sqlalchemy.version import __version__
+
+    tracer = trace.get_tracer(_CONTRIB_SCOPE, __version__, tracer_provider)
+    meter = metrics.get_meter(_CONTRIB_SCOPE, __version__, meter_provider)
+    name, unit = _CONNECTIONS_METRIC
+    # The SDK hands out one instrument per meter, name, kind, unit and description.
+    connections = meter.create_up_down_counter(
+        name, unit=unit, description="Connections of the engine's pool, by state (idle, used)."
+    )
+    engine_tracer: Any = EngineTracer  # untyped
+    engine_tracer(tracer, engine, connections)
+
+
+def _contrib_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("opentelemetry-instrumentation-sqlalchemy")
+    except metadata.PackageNotFoundError:  # pragma: no cover - installed without metadata
+        from opentelemetry.instrumentation.sqlalchemy.version import __version__
+
+        return str(__version__)
+
+
+def trace_sql_statements(
+    engine: Engine | AsyncEngine, *, tracer_provider: Any = None, meter_provider: Any = None
+) -> StatementTracing:
+    """Trace ``engine``'s SQL statements with ``opentelemetry-instrumentation-sqlalchemy``.
+
+    Each statement becomes a CLIENT span of contrib's, a child of the span current when
+    it runs (the service call), recorded by ``tracer_provider`` (``None``: the global
+    one); the pool's connections feed contrib's ``db.client.connections.usage`` on
+    ``meter_provider``. Only this engine is touched: nothing is wrapped globally, and
+    ``SQLAlchemyInstrumentor().uninstrument()`` removes this tracer too.
+
+    Returns a :class:`StatementTracing` (``describe()`` is one line for a log or a
+    CLI); never raises. Off when contrib is not installed (the ``sql-tracing`` extra),
+    when ``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS`` names ``sqlalchemy`` (or ``*``), and
+    when the installed SQLAlchemy is outside both the range contrib declares and
+    :data:`STATEMENT_TRACING_TESTED`. An engine contrib already traces
+    (``SQLAlchemyInstrumentor().instrument()`` had wrapped ``create_engine`` when
+    :func:`create_sql_engine` made it, as under ``opentelemetry-instrument``) gets no
+    second tracer: its statements go to contrib's providers. (An engine given to
+    ``instrument(engine=...)`` by hand is not recognised: do not ask for both.) Calling
+    it again for an engine returns the first answer.
+    """
+    sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
+    known = _traced.get(sync_engine)
+    if known is not None:
+        return known
+    try:
+        from opentelemetry.instrumentation.dependencies import get_dependency_conflicts
+        from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
+    except ImportError:
+        return StatementTracing(
+            False,
+            False,
+            "opentelemetry-instrumentation-sqlalchemy is not installed: "
+            "pip install 'polydatum[sql-tracing]'",
+        )
+    disabled = os.environ.get("OTEL_PYTHON_DISABLED_INSTRUMENTATIONS", "")
+    if {name.strip() for name in disabled.split(",")} & {"sqlalchemy", "*"}:
+        return StatementTracing(
+            False, False, "OTEL_PYTHON_DISABLED_INSTRUMENTATIONS turns the sqlalchemy one off"
+        )
+    contrib = f"opentelemetry-instrumentation-sqlalchemy {_contrib_version()}"
+    installed = f"SQLAlchemy {sqlalchemy.__version__}"
+    reason = f"{contrib}, {installed}"
+    dependencies = list(SQLAlchemyInstrumentor().instrumentation_dependencies())
+    declared = " and ".join(dependencies)
+    if get_dependency_conflicts(dependencies) is not None:
+        from packaging.specifiers import SpecifierSet
+
+        if sqlalchemy.__version__ not in SpecifierSet(STATEMENT_TRACING_TESTED):
+            return StatementTracing(
+                False,
+                False,
+                f"version conflict: {contrib} instruments {declared!r} and polydatum has "
+                f"tested it with sqlalchemy{STATEMENT_TRACING_TESTED} only; {installed} is "
+                f"installed",
+            )
+        reason = (
+            f"{reason}, which is outside the {declared!r} contrib declares but within the "
+            f"sqlalchemy{STATEMENT_TRACING_TESTED} polydatum tests it with"
+        )
+    if sync_engine in _traced_by_contrib:
+        result = StatementTracing(
+            True,
+            False,
+            f"{contrib} already traces this engine, to the tracer provider it was given "
+            f"(SQLAlchemyInstrumentor().instrument(), as opentelemetry-instrument calls it)",
+            semconv_opt_in_modes(),
+        )
+    else:
+        try:
+            _new_engine_tracer(sync_engine, tracer_provider, meter_provider)
+        except (ImportError, TypeError, AttributeError) as error:
+            return StatementTracing(
+                False, False, f"{contrib} has no engine tracer polydatum can use ({error})"
+            )
+        result = StatementTracing(True, True, reason, semconv_opt_in_modes())
+    _traced[sync_engine] = result
+    return result

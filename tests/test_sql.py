@@ -34,7 +34,7 @@ from polydatum.sql import (
     savepoint,
     transaction_middleware,
 )
-from polydatum.sql_engine import parse_database_url
+from polydatum.sql_engine import parse_database_url, telemetry_attributes_for
 from polydatum.testing import TelemetryCapture
 
 backend = sql_backends.backend  # the fixture: SQLite and PostgreSQL
@@ -805,11 +805,27 @@ def expected_db_attributes(b: Backend) -> dict[str, Any]:
     }
 
 
+def expected_resource_attributes(b: Backend) -> dict[str, Any]:
+    """What the resource's INTERNAL spans carry: the database, under polydatum's names."""
+    if b.name == "sqlite":
+        return {
+            "polydatum.db.system.name": "sqlite",
+            "polydatum.db.namespace": b.url.removeprefix("sqlite:///"),
+        }
+    return {
+        "polydatum.db.system.name": "postgresql",
+        "polydatum.db.namespace": "test",
+        "polydatum.db.server.address": "127.0.0.1",
+        "polydatum.db.server.port": 5432,
+    }
+
+
 def test_resource_spans_carry_db_attributes(backend: Backend) -> None:
     url = backend.url.replace("postgres@", "postgres:hunter2@")
     resource = backend.track(SQLResource(url))
     assert "hunter2" not in repr(resource)
-    assert resource.telemetry_attributes == expected_db_attributes(backend)
+    assert resource.telemetry_attributes == expected_resource_attributes(backend)
+    assert telemetry_attributes_for(resource.url) == expected_db_attributes(backend)
     with TelemetryCapture() as cap:
         dm = cap.data_manager()
         dm.register_resources(db=resource)
@@ -830,11 +846,11 @@ def test_resource_spans_carry_db_attributes(backend: Backend) -> None:
         teardown = cap.span("polydatum.resource.teardown db")
         assert dict(setup.attributes) == {
             "polydatum.resource.name": "db",
-            **expected_db_attributes(backend),
+            **expected_resource_attributes(backend),
         }
         assert dict(teardown.attributes) == {
             "polydatum.resource.name": "db",
-            **expected_db_attributes(backend),
+            **expected_resource_attributes(backend),
             "polydatum.outcome": "ok",
         }
         for span in cap.spans():
