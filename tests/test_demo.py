@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -14,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sql_tracing_lines as lines
+import sqlalchemy
+from sql_backends import worker_env
 
 from polydatum.demo import DemoConfig, DemoError, run
 from polydatum.demo.app import OutOfStock, create_app
@@ -71,6 +75,10 @@ def check_run(url: str) -> None:
     (ctx,) = contexts(result.waterfall_spans)
     assert ctx.attributes["polydatum.meta.request_id"] == "req-000028"
     assert exception_path(ctx) == PATH_120
+    # the statements are in the waterfall: CLIENT spans under the service calls
+    assert result.sql_statement_spans == lines.on_line(stable=False)
+    statements = {s.name.split()[0] for s in result.waterfall_spans if s.kind.name == "CLIENT"}
+    assert statements == {"SELECT"}
     data = to_json(result)
     assert [(r["kind"], r["name"], r["phase"]) for r in data["latency"][:7]] == [
         ("context", "context", ""),
@@ -189,7 +197,7 @@ def test_cli_json_and_one_line_errors(tmp_path: Path) -> None:
     assert data["requests"] == 30
     assert sorted(data) == [
         "database", "elapsed_s", "latency", "metrics_url", "outcomes", "requests",
-        "teardown_errors", "waterfall",
+        "sql_statement_spans", "teardown_errors", "waterfall",
     ]  # fmt: skip
     bad = cli(tmp_path, "--requests", "3", "--database-url", "postgresql+psycopg://u@127.0.0.1:1/x")
     assert bad.returncode == 2
@@ -285,6 +293,7 @@ def test_otlp_export(otlp_server: Any, tmp_path: Path) -> None:
     assert services == {"polydatum-demo"}
     assert {"polydatum.context", "polydatum.middleware.setup auth", "orders.place"} <= span_names
     assert metric_names == {
+        "db.client.connections.usage",  # contrib's, from the demo's traced engines
         "polydatum.context.active",
         "polydatum.context.duration",
         "polydatum.middleware.duration",
@@ -292,3 +301,101 @@ def test_otlp_export(otlp_server: Any, tmp_path: Path) -> None:
         "polydatum.resource.teardown.errors",
         "polydatum.service.duration",
     }
+
+
+# ------------------------------------------------- whether SQL statements are spans
+
+
+def waterfall_names(node: dict[str, Any]) -> list[str]:
+    return [node["name"], *(n for c in node.get("children", ()) for n in waterfall_names(c))]
+
+
+def demo_json(tmp_path: Path, *, prelude: str = "", wrapper: bool = False, **env: str) -> Any:
+    """``polydatum demo --json`` in a fresh interpreter (contrib reads its opt-in once per
+    process), optionally under ``opentelemetry-instrument``, after ``prelude``."""
+    command = [
+        sys.executable, "-c",
+        f"{prelude}\nimport sys; from polydatum.cli import main; sys.exit(main())",
+        "demo", "--requests", "30", "--json", "--database-url", f"sqlite:///{tmp_path}/s.db",
+    ]  # fmt: skip
+    if wrapper:
+        command.insert(0, str(Path(sys.executable).parent / "opentelemetry-instrument"))
+    environment = {**os.environ, **worker_env()}
+    for name in ("OTEL_SEMCONV_STABILITY_OPT_IN", "OTEL_PYTHON_DISABLED_INSTRUMENTATIONS"):
+        environment.pop(name, None)
+    environment.update(env)
+    done = subprocess.run(
+        command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def statement_names(data: Any) -> set[str]:
+    return {n.split()[0] for n in waterfall_names(data["waterfall"]) if n.split()[0].isupper()}
+
+
+@pytest.mark.parametrize("stable", [False, True], ids=["old-names", "stable-names"])
+def test_the_demo_says_which_attribute_names_its_statement_spans_carry(
+    tmp_path: Path, stable: bool
+) -> None:
+    env = {"OTEL_SEMCONV_STABILITY_OPT_IN": "database,http"} if stable else {}
+    data = demo_json(tmp_path, **env)
+    assert data["sql_statement_spans"] == lines.on_line(stable=stable)
+    assert statement_names(data) == {"SELECT"}  # the seeded run's chosen request
+
+
+def test_under_opentelemetry_instrument_the_demo_keeps_its_statement_spans(
+    tmp_path: Path,
+) -> None:
+    """``opentelemetry-instrument`` skips contrib's instrumentor for a SQLAlchemy outside
+    the range contrib declares (2.1): the demo traces its engines itself and says so."""
+    if not lines.OUTSIDE_CONTRIB:
+        pytest.skip(f"{lines.INSTALLED} is within the range contrib declares")
+    data = demo_json(tmp_path, wrapper=True)
+    assert data["sql_statement_spans"] == lines.on_line(stable=False)
+    assert statement_names(data) == {"SELECT"}  # the seeded run's chosen request
+
+
+def test_when_contrib_traces_the_engines_the_demo_says_where_the_spans_go(
+    tmp_path: Path,
+) -> None:
+    """With a SQLAlchemy in contrib's range, ``opentelemetry-instrument`` instruments
+    SQLAlchemy before the demo makes its engines (here: the application does, as the
+    wrapper would): their statements go to contrib's provider, never twice, and the
+    demo says they are not in its summary."""
+    prelude = (
+        "from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor\n"
+        "SQLAlchemyInstrumentor().instrument(skip_dep_check=True)"
+    )
+    data = demo_json(tmp_path, prelude=prelude)
+    from polydatum.demo.runner import ELSEWHERE
+
+    assert data["sql_statement_spans"] == lines.on_line(stable=False, reason=lines.ALREADY) + (
+        ELSEWHERE
+    )
+    assert statement_names(data) == set()
+
+
+def test_the_demo_says_when_statement_spans_are_off_and_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"sqlite:///{tmp_path}/off.db"
+    monkeypatch.setenv("OTEL_PYTHON_DISABLED_INSTRUMENTATIONS", "sqlalchemy")
+    result = run(DemoConfig(requests=10, database_url=url))
+    assert result.sql_statement_spans == lines.DISABLED
+    monkeypatch.delenv("OTEL_PYTHON_DISABLED_INSTRUMENTATIONS")
+    with monkeypatch.context() as missing:  # the sql-tracing extra is not installed
+        missing.setitem(sys.modules, "opentelemetry.instrumentation.sqlalchemy", None)
+        result = run(DemoConfig(requests=10, database_url=url))
+    assert result.sql_statement_spans == lines.NOT_INSTALLED
+    assert not [s for s in result.waterfall_spans if s.kind.name == "CLIENT"]
+    if lines.OUTSIDE_CONTRIB:  # a SQLAlchemy beyond what polydatum tested, too
+        from polydatum import sql_engine
+
+        tested = f"<{sqlalchemy.__version__}"
+        monkeypatch.setattr(sql_engine, "STATEMENT_TRACING_TESTED", tested)
+        result = run(DemoConfig(requests=10, database_url=url))
+        assert result.sql_statement_spans == lines.conflict_line(tested)
+    done = cli(tmp_path, "--requests", "5", "--width", "500", "--database-url", url)
+    assert lines.on_line(stable=False) in done.stdout.splitlines()

@@ -14,15 +14,23 @@ import json
 import subprocess
 import sys
 import textwrap
-from importlib import metadata
 from typing import Any
 
 import pytest
 import sql_backends
 import sqlalchemy
-from opentelemetry.instrumentation.dependencies import get_dependency_conflicts
 from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
 from sql_backends import Backend, worker_env
+from sql_tracing_lines import (
+    CONTRIB,
+    DECLARED,
+    INSTALLED,
+    NOT_INSTALLED,
+    OUTSIDE_CONTRIB,
+    conflict_line,
+    on_line,
+    on_reason,
+)
 from sqlalchemy import text
 
 from polydatum import Service
@@ -32,29 +40,9 @@ from polydatum.sql import (
     configure_sql,
     trace_sql_statements,
 )
-from polydatum.sql_engine import STATEMENT_TRACING_TESTED
 from polydatum.testing import TelemetryCapture
 
 backend = sql_backends.backend  # the fixture: SQLite and PostgreSQL
-
-CONTRIB_NAME = "opentelemetry-instrumentation-sqlalchemy"
-CONTRIB = f"{CONTRIB_NAME} {metadata.version(CONTRIB_NAME)}"
-INSTALLED = f"SQLAlchemy {sqlalchemy.__version__}"
-DECLARED = " and ".join(SQLAlchemyInstrumentor().instrumentation_dependencies())
-#: Whether this SQLAlchemy is outside the range contrib declares (2.1 and contrib 0.66b1).
-OUTSIDE_CONTRIB = get_dependency_conflicts([DECLARED]) is not None
-
-
-def on_reason() -> str:
-    """The reason :func:`trace_sql_statements` gives when it traced an engine itself."""
-    reason = f"{CONTRIB}, {INSTALLED}"
-    if OUTSIDE_CONTRIB:
-        reason += (
-            f", which is outside the {DECLARED!r} contrib declares but within the "
-            f"sqlalchemy{STATEMENT_TRACING_TESTED} polydatum tests it with"
-        )
-    return reason
-
 
 # ------------------------------------------------------ one trace, span kinds and names
 
@@ -167,8 +155,6 @@ def test_one_trace_puts_db_attributes_on_client_spans_only(
         }
         if "address" in db:
             statement |= {"server.address": db["address"], "server.port": db["port"]}
-        names = "db.system.name, db.namespace, db.query.text, server.address, server.port"
-        advice = ""
     else:
         statement = {
             "db.system": db["system"],
@@ -182,15 +168,8 @@ def test_one_trace_puts_db_attributes_on_client_spans_only(
                 "net.peer.port": db["port"],
                 "db.user": "postgres",
             }
-        names = "db.system, db.name, db.statement, net.peer.name, net.peer.port"
-        advice = (
-            "; for the stable names polydatum's spans follow, set "
-            "OTEL_SEMCONV_STABILITY_OPT_IN=database,http before the first instrumentation runs"
-        )
     result = run_trace(backend.url, opt_in)
-    assert result["tracing"] == (
-        f"SQL statement spans: on ({on_reason()}); their attributes: {names}{advice}"
-    )
+    assert result["tracing"] == on_line(stable=opt_in is not None)
     assert result["spans"] == sorted(
         [
             ["polydatum.context", "INTERNAL", None, {"polydatum.context.id": 16}],
@@ -341,10 +320,7 @@ def test_statement_tracing_off_without_the_instrumentation(
         tracing = trace_sql_statements(resource.engine)
     finally:
         resource.dispose()
-    assert tracing.describe() == (
-        "SQL statement spans: off (opentelemetry-instrumentation-sqlalchemy is not "
-        "installed: pip install 'polydatum[sql-tracing]')"
-    )
+    assert tracing.describe() == NOT_INSTALLED
     assert (tracing.enabled, tracing.traced_here) == (False, False)
 
 
@@ -389,11 +365,7 @@ def test_statement_tracing_off_outside_every_tested_range(
         finally:
             resource.dispose()
         assert cap.names() == []
-    assert tracing.describe() == (
-        f"SQL statement spans: off (version conflict: {CONTRIB} instruments {DECLARED!r} "
-        f"and polydatum has tested it with sqlalchemy{narrower} only; {INSTALLED} is "
-        f"installed)"
-    )
+    assert tracing.describe() == conflict_line(narrower)
 
 
 def test_an_engine_contrib_already_traces_is_not_traced_twice(tmp_path: Any) -> None:

@@ -1,6 +1,8 @@
 """``polydatum demo``: run the bookstore and show what polydatum recorded.
 
-Prints, after a progress bar: the outcome of the requests, a latency table (p50 /
+Prints, after a progress bar: the outcome of the requests, whether SQL statements were
+traced (and if not, why: the ``sql-tracing`` extra missing, a version conflict, the
+environment; and which attribute names their spans carry), a latency table (p50 /
 p95 / p99 / max per middleware phase, resource phase and service method, in the
 order the steps first ran), the suppressed teardown errors, and the waterfall of the
 most instructive request. ``--json`` prints the same as one JSON document.
@@ -77,6 +79,8 @@ def summary_renderables(result: DemoResult) -> list[Any]:
             f"{name.rsplit('.', 1)[-1]} {count}", style="green" if name == "ok" else "red"
         )
     items.append(outcome)
+    if result.sql_statement_spans:
+        items.append(Text(result.sql_statement_spans, style="dim"))
     if result.metrics_url:
         items.append(Text(f"metrics served at {result.metrics_url}", style="dim"))
 
@@ -148,6 +152,7 @@ def to_json(result: DemoResult) -> dict[str, Any]:
         ],
         "waterfall": to_dict(found[0]) if found else None,
         "metrics_url": result.metrics_url,
+        "sql_statement_spans": result.sql_statement_spans,
     }
 
 

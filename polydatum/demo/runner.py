@@ -173,6 +173,8 @@ class DemoResult:
     waterfall_spans: list[ReadableSpan]
     metrics_url: str | None = None
     interrupted: bool = False
+    #: Whether SQL statements are spans in this run, and why not (one line).
+    sql_statement_spans: str = ""
 
 
 def traffic(seed: int) -> Iterator[tuple[dict[str, Any], str, tuple[Any, ...]]]:
@@ -229,18 +231,29 @@ def _describe_url(app: Bookstore) -> str:
     return app.backend.url
 
 
-def _sql_instrumentation(app: Bookstore, tracer_provider: Any) -> Callable[[], None]:
-    """Trace SQL statements (nested under service spans) when the instrumentation exists."""
-    try:
-        from opentelemetry.instrumentation.dependencies import get_dependency_conflicts
-        from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
-    except ImportError:
-        return lambda: None
-    instrumentor = SQLAlchemyInstrumentor()
-    if get_dependency_conflicts(instrumentor.instrumentation_dependencies()) is not None:
-        return lambda: None  # this SQLAlchemy is newer than the instrumentation supports
-    instrumentor.instrument(engine=app.db.engine, tracer_provider=tracer_provider)
-    return lambda: instrumentor.uninstrument()
+#: Added to the statement-span line when contrib traced the demo's engines for the
+#: providers it was given (``opentelemetry-instrument``): not the demo's own.
+ELSEWHERE = "; they go there, not into this summary"
+
+
+def sql_statement_spans(app: Bookstore, tracer_provider: Any, meter_provider: Any) -> str:
+    """Trace the demo's SQL statements (CLIENT spans under the service calls), for the
+    demo's own providers; one line saying whether that happened, and if not why (no
+    ``sql-tracing`` extra, a version conflict, the environment turned it off, or
+    contrib already traces the engines for other providers)."""
+    from polydatum.sql import trace_sql_statements
+
+    engines = [app.db.engine]
+    if app.backend.safe is not None:
+        engines.append(app.backend.safe.engine)
+    tracing = [
+        trace_sql_statements(e, tracer_provider=tracer_provider, meter_provider=meter_provider)
+        for e in engines
+    ]
+    line = tracing[0].describe()
+    if tracing[0].enabled and not tracing[0].traced_here:
+        line += ELSEWHERE
+    return line
 
 
 def _open_app(config: DemoConfig, tracer_provider: Any, meter_provider: Any) -> Bookstore:
@@ -342,8 +355,10 @@ def run(
         cleanups.append(lambda: tracer_provider.shutdown())
         app = _open_app(config, tracer_provider, meter_provider)
         cleanups.append(app.close)
-        cleanups.append(_sql_instrumentation(app, tracer_provider))
-        return _drive(config, app, collector, progress, stop_event, metrics_url)
+        statements = sql_statement_spans(app, tracer_provider, meter_provider)
+        result = _drive(config, app, collector, progress, stop_event, metrics_url)
+        result.sql_statement_spans = statements
+        return result
     finally:
         for cleanup in reversed(cleanups):
             cleanup()
