@@ -4,6 +4,11 @@ whose semantic conventions define every attribute name it relies on."""
 
 from __future__ import annotations
 
+import ast
+import importlib
+import inspect
+import pkgutil
+import re
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -208,3 +213,167 @@ def test_setup_local_sdk_exports_where_the_environment_says(
         server.shutdown()
     assert ("/v1/traces", "books") in received
     assert ("/v1/metrics", "books") in received
+
+
+# ----------------------------------------------------------- metric names and units
+
+#: Every metric polydatum emits on its own meter: (instrument kind, unit). Why its own
+#: ``polydatum.*`` names rather than the semantic conventions' nearest metrics:
+#:
+#: * ``db.client.operation.duration`` (histogram, ``s``) is one database operation, a
+#:   round trip. ``polydatum.service.duration`` times a DAL method, which runs any number
+#:   of statements (or none: a cache hit); ``polydatum.resource.duration`` times a lazy
+#:   resource setup or teardown (making a session takes no connection; teardown commits
+#:   and closes). The per-statement duration is the statement instrumentation's to emit.
+#: * ``db.client.connection.*`` (count, create_time, wait_time, use_time) describe a
+#:   pool's connections: a resource is not a connection (``polydatum.context.active``
+#:   counts open contexts); the pool's connections are contrib's
+#:   (``db.client.connections.usage``, below).
+#: * ``http.server.request.duration`` is an HTTP request; ``polydatum.context.duration``
+#:   is a context, which may be a request, a Celery task or a script.
+#: * ``polydatum.resource.teardown.errors`` counts suppressed teardown errors, which no
+#:   convention describes.
+POLYDATUM_METRICS = {
+    "polydatum.context.active": ("updowncounter", "{context}"),
+    "polydatum.context.duration": ("histogram", "s"),
+    "polydatum.middleware.duration": ("histogram", "s"),
+    "polydatum.resource.duration": ("histogram", "s"),
+    "polydatum.resource.teardown.errors": ("counter", "{error}"),
+    "polydatum.service.duration": ("histogram", "s"),
+}
+
+#: UCUM units as the semantic conventions use them: seconds for durations, a count as
+#: an annotation in braces (``{error}``), ``1`` for ratios, ``By`` for bytes.
+UCUM_UNIT = re.compile(r"^(s|1|By|\{[a-z][a-z_.]*\})$")
+
+
+def semconv_metrics() -> dict[str, tuple[str | None, str | None]]:
+    """Every metric name the installed opentelemetry-semantic-conventions defines, stable
+    and incubating, with the instrument kind and unit its definition states (``None``
+    for a deprecated name that only says what replaced it)."""
+    import opentelemetry.semconv._incubating.metrics as incubating
+    import opentelemetry.semconv.metrics as stable
+    from opentelemetry.semconv.metrics import MetricInstruments
+
+    names = [f"{stable.__name__}.db_metrics", f"{stable.__name__}.http_metrics"]
+    names += [f"{incubating.__name__}.{m.name}" for m in pkgutil.iter_modules(incubating.__path__)]
+    modules = [stable, *map(importlib.import_module, names)]
+    found: dict[str, tuple[str | None, str | None]] = {}
+    for module in modules:
+        body = ast.parse(inspect.getsource(module)).body
+        for statement, following in zip(body, [*body[1:], None], strict=True):
+            if not isinstance(statement, ast.AnnAssign | ast.Assign):
+                continue
+            value = statement.value
+            if not (isinstance(value, ast.Constant) and isinstance(value.value, str)):
+                continue
+            doc = ""
+            if isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant):
+                doc = str(following.value.value)
+            fields = dict(
+                line.split(": ", 1)
+                for line in doc.splitlines()
+                if line.startswith(("Instrument: ", "Unit: "))
+            )
+            known = found.get(value.value, (None, None))
+            found[value.value] = (
+                fields.get("Instrument") or known[0],
+                fields.get("Unit") or known[1],
+            )
+    for name, value in vars(MetricInstruments).items():
+        if not name.startswith("_") and isinstance(value, str):
+            found.setdefault(value, (None, None))
+    return found
+
+
+def emitted_metrics(cap: TelemetryCapture) -> dict[str, tuple[str, str, str]]:
+    """What the capture's meter provider collected: name -> (scope, kind, unit)."""
+    from opentelemetry.sdk.metrics.export import Gauge, Histogram, Sum
+
+    data = cap.metric_reader.get_metrics_data()
+    assert data is not None
+    emitted: dict[str, tuple[str, str, str]] = {}
+    for resource_metrics in data.resource_metrics:
+        for scope_metrics in resource_metrics.scope_metrics:
+            for metric in scope_metrics.metrics:
+                if isinstance(metric.data, Histogram):
+                    kind = "histogram"
+                elif isinstance(metric.data, Sum):
+                    kind = "counter" if metric.data.is_monotonic else "updowncounter"
+                else:
+                    assert isinstance(metric.data, Gauge), metric
+                    kind = "gauge"
+                emitted[metric.name] = (scope_metrics.scope.name, kind, metric.unit or "")
+    return emitted
+
+
+def test_metric_names_units_and_kinds_follow_the_semantic_conventions() -> None:
+    """Every metric polydatum emits is a ``polydatum.*`` name the semantic conventions do
+    not define (no squatting, and the conventions have no ``polydatum`` namespace), of
+    the documented kind, in a UCUM unit; a semconv name polydatum emitted would have to
+    match its definition's kind and unit."""
+    defined = semconv_metrics()
+    assert defined["db.client.operation.duration"] == ("histogram", "s")  # read right
+    assert defined["db.client.connection.count"] == ("updowncounter", "{connection}")
+
+    def middleware(ctx: Any) -> Iterator[None]:
+        yield
+
+    with TelemetryCapture() as cap:
+        dm = cap.data_manager()
+        dm.register_context_middleware(middleware)
+        dm.register_services(books=Books())
+        dm.register_resources(shelf=shelf)
+        with dm.context() as ctx:
+            assert ctx.shelf == "shelf"
+            ctx.dal.books.title(7)
+        emitted = emitted_metrics(cap)
+    ours = {name: (kind, unit) for name, (scope, kind, unit) in emitted.items()}
+    assert {scope for scope, _, _ in emitted.values()} == {INSTRUMENTATION_NAME}
+    assert ours == POLYDATUM_METRICS
+    assert not [name for name in defined if name.startswith("polydatum.")]
+    for name, (kind, unit) in ours.items():
+        assert UCUM_UNIT.match(unit), f"{name}: {unit!r} is not a UCUM unit"
+        if name.startswith("polydatum."):
+            assert name not in defined, f"{name} squats a semantic-conventions name"
+        else:
+            assert defined.get(name) == (kind, unit), f"{name} differs from its definition"
+
+
+def test_statement_tracing_creates_contribs_connection_metric_as_contrib_does(
+    tmp_path: Any,
+) -> None:
+    """The one metric polydatum's statement tracing adds is contrib's, not polydatum's:
+    on contrib's scope, named and united exactly as contrib's own instrumentor makes it,
+    so that engines traced by polydatum and by contrib feed one instrument. (The name is
+    one the conventions deprecated, for ``db.client.connection.count`` in
+    ``{connection}``: contrib's to change.)"""
+    from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
+    from sqlalchemy import create_engine, text
+
+    from polydatum.sql import SQLResource, trace_sql_statements
+
+    with TelemetryCapture() as ours, TelemetryCapture() as contribs:
+        resource = SQLResource(f"sqlite:///{tmp_path / 'ours.db'}")
+        engine = create_engine(f"sqlite:///{tmp_path / 'contrib.db'}")
+        instrumentor = SQLAlchemyInstrumentor()
+        instrumentor.instrument(
+            engine=engine, meter_provider=contribs.meter_provider, skip_dep_check=True
+        )
+        try:
+            assert trace_sql_statements(resource.engine, meter_provider=ours.meter_provider)
+            for e in (resource.engine, engine):
+                with e.connect() as connection:
+                    connection.execute(text("SELECT 1"))
+        finally:
+            instrumentor.uninstrument()
+            resource.dispose()
+            engine.dispose()
+        expected = {
+            "db.client.connections.usage": (
+                "opentelemetry.instrumentation.sqlalchemy", "updowncounter", "connections",
+            )
+        }  # fmt: skip
+        assert emitted_metrics(contribs) == expected
+        assert emitted_metrics(ours) == expected
+    assert semconv_metrics()["db.client.connections.usage"] == (None, None)  # deprecated
