@@ -399,3 +399,21 @@ def test_the_demo_says_when_statement_spans_are_off_and_why(
         assert result.sql_statement_spans == lines.conflict_line(tested)
     done = cli(tmp_path, "--requests", "5", "--width", "500", "--database-url", url)
     assert lines.on_line(stable=False) in done.stdout.splitlines()
+
+
+def test_the_demo_refuses_to_run_when_the_environment_turns_polydatum_off(
+    tmp_path: Path,
+) -> None:
+    env = {**os.environ, "OTEL_PYTHON_DISABLED_INSTRUMENTATIONS": "polydatum"}
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys; from polydatum.cli import main; sys.exit(main())",
+         "demo", "--requests", "3", "--database-url", f"sqlite:///{tmp_path}/x.db"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert (done.returncode, done.stdout, done.stderr) == (
+        2,
+        "",
+        "polydatum: error: polydatum's telemetry is disabled "
+        "(OTEL_PYTHON_DISABLED_INSTRUMENTATIONS contains 'polydatum'): the demo has nothing "
+        "to show\n",
+    )

@@ -323,7 +323,7 @@ def run(
 
     from polydatum import telemetry
 
-    if not telemetry.is_enabled():
+    if telemetry.disabled_by_environment():  # the demo's own providers: only this stops it
         raise DemoError(
             "polydatum's telemetry is disabled (OTEL_PYTHON_DISABLED_INSTRUMENTATIONS "
             "contains 'polydatum'): the demo has nothing to show"
