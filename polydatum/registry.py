@@ -35,6 +35,7 @@ from polydatum.resources import ResourceManager, is_generator
 from polydatum.services import Service
 from polydatum.telemetry import (
     Telemetry,
+    current_span,
     end_span,
     error_type,
     exception_message,
@@ -416,7 +417,8 @@ class DataManager(Generic[DalT]):
         span = self._ping_span(name)
         t0 = time.perf_counter()
         try:
-            result = ping()
+            with current_span(span):  # the ping's own statement spans nest under it
+                result = ping()
             if inspect.isawaitable(result):
                 close = getattr(result, "close", None)
                 if close is not None:
@@ -430,9 +432,10 @@ class DataManager(Generic[DalT]):
         span = self._ping_span(name)
         t0 = time.perf_counter()
         try:
-            result = ping()
-            if inspect.isawaitable(result):
-                await result
+            with current_span(span):
+                result = ping()
+                if inspect.isawaitable(result):
+                    await result
         except Exception as error:
             return self._ping_done(name, span, t0, error)
         return self._ping_done(name, span, t0, None)

@@ -101,12 +101,16 @@ from collections.abc import Callable, Generator, Iterator, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
-from opentelemetry import context as otel_context
-from opentelemetry import trace
-
 from polydatum.context import get_active_context
 from polydatum.errors import PolydatumException
-from polydatum.telemetry import Telemetry, end_span, fail_span, is_enabled, start_span
+from polydatum.telemetry import (
+    Telemetry,
+    current_span,
+    disabled_by_environment,
+    end_span,
+    fail_span,
+    start_span,
+)
 
 try:
     from sqlalchemy import (
@@ -135,7 +139,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
         "polydatum.safe needs SQLAlchemy 2.x: pip install 'polydatum[sql]'"
     ) from error
 
-from polydatum.sql_engine import SQLITE_BEGIN_OPTION, create_sql_engine, telemetry_attributes_for
+from polydatum.sql_engine import SQLITE_BEGIN_OPTION, create_sql_engine, resource_attributes_for
 
 if TYPE_CHECKING:
     from polydatum.context import DataAccessContext
@@ -303,9 +307,11 @@ class SafeStore:
             self.engine = create_sql_engine(url_or_engine, engine_options=engine_options)
             self._owns_engine = True
         self._dialect = self.engine.dialect.name
-        self.telemetry_attributes: dict[str, str | int] = telemetry_attributes_for(self.engine.url)
+        # Its spans are INTERNAL (an operation of polydatum's, whose statements get
+        # CLIENT spans of their own when statement tracing is on): polydatum.db.* names.
+        self.telemetry_attributes: dict[str, str | int] = resource_attributes_for(self.engine.url)
         self._span_attributes = {
-            k: v for k, v in self.telemetry_attributes.items() if k.startswith("db.")
+            k: v for k, v in self.telemetry_attributes.items() if k.startswith("polydatum.db.")
         }
         self.table = Table(
             table_name,
@@ -387,8 +393,10 @@ class SafeStore:
         )
 
     def _tracer(self) -> Any:
-        if not is_enabled():
+        if disabled_by_environment():
             return None
+        # Each Telemetry's tracer() answers for disable(): its own providers keep
+        # recording, the default ones stop (as for the DataManager's own spans).
         if self._own_telemetry is not None:
             return self._own_telemetry.tracer()
         ctx = get_active_context()
@@ -407,14 +415,13 @@ class SafeStore:
         span = start_span(tracer, f"polydatum.safe.{operation}", attributes)
         if span is None:
             return work()
-        token = otel_context.attach(trace.set_span_in_context(span))
         try:
-            return work()
+            with current_span(span):
+                return work()
         except BaseException as error:
             fail_span(span, error)
             raise
         finally:
-            otel_context.detach(token)
             end_span(span)
 
     def _read(self, work: Callable[[Connection], T]) -> T:

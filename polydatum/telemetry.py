@@ -73,6 +73,7 @@ __all__ = [
     "ContextTelemetry",
     "Telemetry",
     "configure_logging",
+    "current_span",
     "disable",
     "disabled_by_environment",
     "enable",
@@ -428,6 +429,16 @@ def start_span(tracer: Any, name: str, attributes: Mapping[str, Any]) -> Span | 
         _report_loss("starting a span (a span processor's on_start?)", error)
         return None
     return span
+
+
+def current_span(span: Span | None) -> contextlib.AbstractContextManager[Any]:
+    """``span`` made the current span for a ``with`` block (nothing when ``None``), so
+    that the spans the block's code starts (a statement's CLIENT span) nest under it.
+    The span is neither ended nor failed here: its owner does that."""
+    if span is None:
+        return contextlib.nullcontext()
+    return trace.use_span(span, end_on_exit=False, record_exception=False,
+                          set_status_on_exception=False)  # fmt: skip
 
 
 def configure_logging(

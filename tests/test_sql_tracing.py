@@ -268,6 +268,32 @@ def test_statement_spans_appear_with_the_installed_sqlalchemy(backend: Backend) 
         assert sum(p.value for p in usage if p.attributes["state"] == "used") == 0  # returned
 
 
+def test_a_ping_statement_nests_under_the_ping_span(backend: Backend) -> None:
+    """``dm.ping()``'s ``SELECT 1`` is a CLIENT span under its INTERNAL ping span (the
+    ping span is current while the ping runs), not a trace of its own."""
+    with TelemetryCapture() as cap:
+        dm = cap.data_manager()
+        sql = backend.track(configure_sql(dm, backend.url, safe_name=None, trace_statements=True))
+        with sql.db.engine.connect():
+            pass  # the dialect's first-connect queries, before the spans looked at
+        cap.clear()
+        (result,) = dm.ping().values()
+        assert result.ok
+        spans = {s.context.span_id: s for s in cap.finished_spans()}
+        rows = sorted(
+            (
+                s.name,
+                s.kind.name,
+                spans[s.parent.span_id].name if s.parent and s.parent.span_id in spans else None,
+            )
+            for s in spans.values()
+        )
+        assert rows == [
+            (statement_name(backend, "SELECT"), "CLIENT", "polydatum.resource.ping db"),
+            ("polydatum.resource.ping db", "INTERNAL", None),
+        ]
+
+
 async def test_async_statement_spans_appear_with_the_installed_sqlalchemy(
     backend: Backend,
 ) -> None:
