@@ -326,24 +326,21 @@ class DataAccessLayer:
                 if not c.is_async:
                     raise _sync_caller(resolved.path)
                 return self._acall(request, resolved)
+        if resolved is None:  # the middleware handles it, or the resolver raises
+            return self._handler(request)
+        call = self._checked_handler if self._async_middleware else self._handler
         observer = c.observer
-        if observer is None or resolved is None:
-            result = self._handler(request)
-            if self._async_middleware and resolved is not None:
-                self._check_sync_result(result, resolved)
-            return result
-        step = observer.call_started(resolved.path, resolved.function)
-        try:
-            result = self._handler(request)
-            if self._async_middleware:
-                self._check_sync_result(result, resolved)
-        except BaseException as error:
-            observer.call_finished(step, error)
-            raise
-        observer.call_finished(step, None)
+        if observer is None:
+            return call(request)
+        return _observed(observer, resolved, call, (request,), {})
+
+    def _checked_handler(self, request: DalCommandRequest) -> Any:
+        """The chain, for a sync method with ``async def`` method middleware in it."""
+        result = self._handler(request)
+        self._check_sync_result(result, request)
         return result
 
-    def _check_sync_result(self, result: Any, resolved: Resolved) -> None:
+    def _check_sync_result(self, result: Any, request: DalCommandRequest) -> None:
         """A sync method called through ``async def`` method middleware got back an
         awaitable: say so, instead of handing the caller an un-awaited coroutine."""
         if not inspect.isawaitable(result):
@@ -351,8 +348,9 @@ class DataAccessLayer:
         if inspect.iscoroutine(result):
             result.close()  # never started: the method did not run
         names = ", ".join(self._async_middleware)
+        path = ".".join(p.name for p in request.path)
         raise InvalidMiddleware(
-            f"dal.{resolved.path} is a sync method, but the method middleware {names} "
+            f"dal.{path} is a sync method, but the method middleware {names} "
             f"is async (it returned an awaitable, not the result). Make the method "
             f"`async def` and await it, or make the middleware a plain function that "
             f"returns handler(request) for sync methods."
@@ -544,9 +542,21 @@ def _call_resolved(c: Any, target: Resolved, args: tuple[Any, ...], kwargs: dict
     observer = c.observer
     if observer is None:
         return method(*args, **kwargs)
+    return _observed(observer, target, method, args, kwargs)
+
+
+def _observed(
+    observer: Any,
+    target: Resolved,
+    call: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """``call(*args, **kwargs)`` as the service call ``target``, recorded by
+    ``observer`` (a span, a sample); the one copy for sync calls (``_acall`` awaits)."""
     step = observer.call_started(target.path, target.function)
     try:
-        result = method(*args, **kwargs)
+        result = call(*args, **kwargs)
     except BaseException as error:
         observer.call_finished(step, error)
         raise
