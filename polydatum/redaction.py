@@ -18,8 +18,14 @@ values through :func:`redact_meta` first:
   read from the instance itself, so properties, ``__getattr__`` and ``__iter__`` of the
   object never run). A two-item list or tuple whose first item is a secret-looking string
   is a (key, value) pair: its value is redacted (``[("authorization", "Bearer ...")]``).
-* **URL passwords** are stripped from every string: ``postgresql://u:pw@host/db``
-  becomes ``postgresql://u:[REDACTED]@host/db``.
+* **Credentials in text** are stripped from every string (:func:`redact_text`), whatever
+  the key: URL passwords (``postgresql://u:pw@host/db`` becomes
+  ``postgresql://u:[REDACTED]@host/db``), the credentials of an ``Authorization``-style
+  value (``Bearer abc...`` becomes ``Bearer [REDACTED]``; also ``Basic``, ``Token``,
+  ``Digest``) and JSON Web Tokens (``eyJ...`` with three dot-separated parts). A key
+  spelt with digits or symbols for letters (``passw0rd``, ``pa$$word``) is secret too.
+* **Bounded strings:** a string longer than :data:`MAX_STRING` characters is cut there,
+  followed by :func:`truncate`'s marker.
 * Dates, times, UUIDs, decimals and paths are recorded as their text, enum members as
   ``Class.NAME``. **Anything else** (bytes, functions, classes, objects without fields)
   is recorded as a placeholder naming its type, ``<object of type module.Qualname>``,
@@ -51,6 +57,7 @@ from typing import Any, Protocol
 __all__ = [
     "MAX_DEPTH",
     "MAX_ITEMS",
+    "MAX_STRING",
     "REDACTED",
     "SECRET_NAMES",
     "SECRET_TOKENS",
@@ -61,8 +68,10 @@ __all__ = [
     "is_secret_key",
     "placeholder",
     "redact_meta",
+    "redact_text",
     "redact_value",
     "strip_url_passwords",
+    "truncate",
     "walk_as_mapping",
 ]
 
@@ -75,6 +84,17 @@ TRUNCATED = "[TRUNCATED]"
 MAX_DEPTH = 8
 #: At most this many values (containers, entries and leaves) are walked per recorded value.
 MAX_ITEMS = 256
+#: The longest string recorded from Meta (a longer one ends in the truncation marker):
+#: a request's metadata may carry a payload, which every span and log line would repeat.
+MAX_STRING = 1024
+
+
+def truncate(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, followed by ``…[truncated N chars]``."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}…[truncated {len(text) - limit} chars]"
+
 
 #: A folded key containing one of these is secret.
 SECRET_WORDS: tuple[str, ...] = (
@@ -246,15 +266,27 @@ def fold_key(key: str) -> tuple[str, ...]:
     return tuple(word.lower() for word in _WORD.findall(key))
 
 
+#: Digits and symbols written for letters (``passw0rd``, ``pa$$word``, ``t0k3n``).
+_LEET = str.maketrans("013457@$!|", "oieastasil")
+#: The secret words long enough to look for in a key with such spellings (a short word
+#: would match by accident once digits read as letters).
+_LEET_WORDS = tuple(word for word in SECRET_WORDS if len(word) >= 5)
+_NOT_ALNUM = re.compile(r"[^a-z0-9@$!|]")
+
+
 @functools.lru_cache(maxsize=1024)
 def _is_secret_name(name: str) -> bool:
     words = fold_key(name)
     folded = "".join(words)
-    return (
+    if (
         folded in SECRET_NAMES
         or any(word in folded for word in SECRET_WORDS)
         or not SECRET_TOKENS.isdisjoint(words)
-    )
+    ):
+        return True
+    plain = name if name.isascii() else _ascii_fold(name)
+    spelt = _NOT_ALNUM.sub("", plain.lower()).translate(_LEET)
+    return any(word in spelt for word in _LEET_WORDS)
 
 
 def _key_name(key: object) -> str | None:
@@ -284,6 +316,26 @@ def is_secret_key(key: object) -> bool:
 
 
 # ------------------------------------------------------------------------------ strings
+
+#: An ``Authorization``-style credential: the scheme, then the credentials (kept: the
+#: scheme; redacted: what follows, up to the next whitespace, comma or quote).
+_AUTH_SCHEME = re.compile(r"(?i)\b(bearer|basic|token|digest)(\s+)([^\s,;\"']{8,})")
+#: A JSON Web Token: base64url header starting ``eyJ`` (``{"``), payload, signature.
+_JWT = re.compile(r"\beyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
+
+
+def redact_text(text: str) -> str:
+    """``text`` bounded by :data:`MAX_STRING` and with the credentials in it redacted:
+    URL passwords (:func:`strip_url_passwords`), ``Bearer``/``Basic``/``Token``/``Digest``
+    credentials and JSON Web Tokens. Linear in ``len(text)``."""
+    text = truncate(text, MAX_STRING)
+    text = strip_url_passwords(text)
+    lowered = text.lower()
+    if "ey" in text or any(scheme in lowered for scheme in ("bearer", "basic", "token", "digest")):
+        text = _JWT.sub(REDACTED, text)
+        text = _AUTH_SCHEME.sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", text)
+    return text
+
 
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
 _SPACE = re.compile(r"\s")
@@ -417,9 +469,9 @@ def _walk_pairs(pairs: Iterator[Any], depth: int, budget: list[int]) -> dict[str
             out[placeholder(key)] = REDACTED
         elif _is_secret_name(name):
             budget[0] -= 1
-            out[name] = REDACTED
+            out[redact_text(name)] = REDACTED  # a key is text too: bounded, no URL password
         else:
-            out[name] = _walk(item, depth + 1, budget)
+            out[redact_text(name)] = _walk(item, depth + 1, budget)
     return out
 
 
@@ -446,14 +498,14 @@ def _walk_one(value: Any, depth: int, budget: list[int]) -> Any:
     if value is None or cls is bool or cls is int or cls is float:
         return value
     if cls is str:
-        return strip_url_passwords(value)
+        return redact_text(value)
     if isinstance(value, enum.Enum):
         qualname = type.__dict__["__qualname__"].__get__(cls)
         return f"{qualname}.{object.__getattribute__(value, '_name_')}"
     if isinstance(value, bool | int | float):
         return _scalar(value)
     if isinstance(value, str):
-        return strip_url_passwords(str.__str__(value))
+        return redact_text(str.__str__(value))
     if isinstance(value, datetime.date | datetime.time):
         return _iso(value)
     if isinstance(value, datetime.timedelta):
@@ -463,7 +515,7 @@ def _walk_one(value: Any, depth: int, budget: list[int]) -> Any:
     if isinstance(value, decimal.Decimal):
         return decimal.Decimal.__str__(value)
     if isinstance(value, pathlib.PurePath):
-        return strip_url_passwords(pathlib.PurePath.__str__(value))
+        return redact_text(pathlib.PurePath.__str__(value))
     if depth >= MAX_DEPTH:
         return TRUNCATED
     remaining = budget[0] + 1  # no iterator is read further than the budget allows
@@ -509,7 +561,8 @@ def _walk_sequence(
         first = base.__getitem__(value, 0)
         if isinstance(first, str | bytes | bytearray) and is_secret_key(first):
             budget[0] -= 2
-            return [_key_name(first), REDACTED]
+            name = _key_name(first)
+            return [redact_text(name) if name is not None else None, REDACTED]
     return _walk_items(islice(base.__iter__(value), budget[0] + 1), depth, budget)
 
 
@@ -525,7 +578,7 @@ def attribute_value(value: Any) -> str | bool | int | float:
     string it walks to (a placeholder, a date...). Never raises."""
     cls = type(value)
     if cls is str:
-        return strip_url_passwords(value)
+        return redact_text(value)
     if cls is bool or cls is int or cls is float:
         return value  # type: ignore[no-any-return]
     walked = redact_value(value)

@@ -57,6 +57,7 @@ from polydatum.lifecycle import (
     add_exit_reporter,
     open_lifecycles,
 )
+from polydatum.redaction import truncate
 from polydatum.version import __version__
 
 if TYPE_CHECKING:
@@ -192,13 +193,6 @@ def error_type(error: BaseException) -> str:
 #: whole would multiply it into every span, event and log line.
 MESSAGE_LIMIT = 1024
 STACKTRACE_LIMIT = 16384
-
-
-def truncate(text: str, limit: int) -> str:
-    """``text`` cut to ``limit`` characters, followed by ``…[truncated N chars]``."""
-    if len(text) <= limit:
-        return text
-    return f"{text[:limit]}…[truncated {len(text) - limit} chars]"
 
 
 def exception_message(error: BaseException) -> str:

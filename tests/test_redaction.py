@@ -34,6 +34,7 @@ from polydatum.redaction import (
     _LOOK_ALIKES,
     MAX_DEPTH,
     MAX_ITEMS,
+    MAX_STRING,
     REDACTED,
     SECRET_NAMES,
     SECRET_TOKENS,
@@ -389,6 +390,46 @@ def test_url_passwords_are_stripped(polydatum_telemetry: TelemetryCapture) -> No
         ),
     }
     assert "secret" not in everything_recorded(polydatum_telemetry).replace("[REDACTED]", "")
+
+
+def test_credentials_in_values_are_redacted_whatever_the_key(
+    polydatum_telemetry: TelemetryCapture,
+) -> None:
+    """A bearer token or a JWT under an innocent key (``note``, a list item) is
+    redacted; the scheme stays, so the record still says what kind of credential it was."""
+    jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbm4ifQ.c2lnbmF0dXJlLXNlY3JldA"
+    meta = {
+        "note": "retried with Bearer abcdefgh-secret-token after 401",
+        "upstream": ["Basic dXNlcjpwYXNzLXNlY3JldA==", "token  tok-secret-12345"],
+        "forwarded": f"jwt was {jwt}; done",
+        "short": "Bearer abc",  # too short to be a credential: kept
+        "plain": "basic plan, digest of the day",
+    }
+    assert record(polydatum_telemetry, meta) == {
+        "note": "retried with Bearer [REDACTED] after 401",
+        "upstream": dumps(["Basic [REDACTED]", "token  [REDACTED]"]),
+        "forwarded": "jwt was [REDACTED]; done",
+        "short": "Bearer abc",
+        "plain": "basic plan, digest of the day",
+    }
+    assert "secret" not in everything_recorded(polydatum_telemetry).replace("[REDACTED]", "")
+
+
+def test_keys_spelt_with_digits_or_symbols_are_secret() -> None:
+    for key in ("passw0rd", "p4ssw0rd", "pa$$word", "user_t0ken", "S3CRET", "api_k3y_s3cr3t"):
+        assert is_secret_key(key), key
+    for key in ("user1", "route66", "order_id_2", "v2_shipping", "page404", "h1_title"):
+        assert not is_secret_key(key), key
+
+
+def test_long_meta_strings_are_bounded(polydatum_telemetry: TelemetryCapture) -> None:
+    payload = "x" * (MAX_STRING + 5000)
+    cut = "x" * MAX_STRING + "…[truncated 5000 chars]"
+    meta = {"body": payload, "nested": {"body": payload, payload: 1, "redis://:hunter2@c/0": 2}}
+    assert record(polydatum_telemetry, meta) == {
+        "body": cut,
+        "nested": dumps({"body": cut, cut: 1, "redis://:[REDACTED]@c/0": 2}),
+    }
 
 
 # ------------------------------------------------------------------------------ bounds
