@@ -144,23 +144,29 @@ def command_for(
     ]  # fmt: skip
 
 
-def per_request(condition: str, contender: str, requests: int, legacy_python: str | None) -> float:
+def per_request_of(command: Callable[[int], Sequence[str]], requests: int) -> float:
     """Instructions of one request: (count(3n) - count(n)) / 2n, warm-up cancelled out.
 
-    A first, uncounted run writes the bytecode caches of everything the contender
-    imports: otherwise the first counted run (after an edit, or in a new venv) also
-    compiles them and the difference comes out too small (0.9.1 measured 73.7k instead
-    of 90.8k in a fresh venv).
+    ``command(n)`` is the child that runs ``n`` requests after the warm-up
+    (``bench_peers.py`` passes its own). A first, uncounted run writes the bytecode
+    caches of everything the contender imports: otherwise the first counted run (after
+    an edit, or in a new venv) also compiles them and the difference comes out too small
+    (0.9.1 measured 73.7k instead of 90.8k in a fresh venv).
     """
     subprocess.run(
-        command_for(condition, contender, 1, legacy_python),
+        command(1),
         capture_output=True,
         env={**os.environ, "PYTHONHASHSEED": "0"},
         check=True,
     )
-    few = count(command_for(condition, contender, requests, legacy_python))
-    many = count(command_for(condition, contender, 3 * requests, legacy_python))
+    few = count(command(requests))
+    many = count(command(3 * requests))
     return (many - few) / (2 * requests)
+
+
+def per_request(condition: str, contender: str, requests: int, legacy_python: str | None) -> float:
+    """Instructions of one request of ``contender`` under ``condition`` (``per_request_of``)."""
+    return per_request_of(lambda n: command_for(condition, contender, n, legacy_python), requests)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
