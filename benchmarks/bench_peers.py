@@ -7,7 +7,7 @@ hand-written floor (the generator stepped by hand), dishka, wireup, svcs, polyda
 without context middleware and polydatum with one trivial generator middleware. All
 idle: no OpenTelemetry SDK configured, structlog unconfigured.
 
-    .venv/bin/python benchmarks/bench_peers.py               # ~3 min: instructions + timing
+    .venv/bin/python benchmarks/bench_peers.py               # ~2 min: instructions + timing
     .venv/bin/python benchmarks/bench_peers.py --json        # the same report as JSON
     .venv/bin/python benchmarks/bench_peers.py --profile     # + where polydatum's opcodes go
     .venv/bin/python benchmarks/bench_peers.py --quick       # seconds; figures meaningless
