@@ -112,6 +112,6 @@ def test_development_tools_are_dependency_groups_not_extras() -> None:
         "celery", "all",
     }  # fmt: skip
     groups = pyproject["dependency-groups"]
-    assert set(groups) == {"dashboards", "test"}
+    assert set(groups) == {"bench", "dashboards", "test"}
     assert {"include-group": "dashboards"} in groups["test"]
     assert "-e '.[all]' --group test" in (ROOT / ".ci" / "run").read_text()
