@@ -509,7 +509,9 @@ class _ServiceMethod(RoutedMethod):
         if fast is not None and fast[0][0]:  # as in _DalPath.__call__
             c = active_lifecycle()
             if c is not None and c.ctx is not None:
-                return _call_resolved(c, fast[1], args, kwargs)
+                # Called, so the instance holds this (or the caller kept it from
+                # before a patch of the instance, which 0.9.1's bound method ignored too).
+                return _call_resolved(c, fast[1], args, kwargs, True)
         return self.dal._call_names(self.names, args, kwargs, command=self)
 
     def __str__(self) -> str:
@@ -519,20 +521,27 @@ class _ServiceMethod(RoutedMethod):
         return f"<DAL method {self}>"
 
 
-def _call_resolved(c: Any, target: Resolved, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def _call_resolved(
+    c: Any,
+    target: Resolved,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    from_instance: bool = False,
+) -> Any:
     """Call the sync method ``target`` resolved to, with no method middleware in the
     way, in a service call span when the lifecycle ``c`` records.
 
     The method is looked up every call (a test may patch it): the class's function
     while the class still holds it and the instance does not override it (what
     registration put there is the DAL's own command), else
-    :func:`~polydatum.middleware.service_method`.
+    :func:`~polydatum.middleware.service_method`. ``from_instance``: the caller is the
+    method the instance holds, so the instance overrides nothing.
     """
     service = target.service
     name = target.method
     method = target.defined
     if method is not None and getattr(type(service), name) is method:
-        found = service.__dict__.get(name)
+        found = None if from_instance else service.__dict__.get(name)
         if found is None or found.__class__ is _ServiceMethod:
             args = (service, *args)
         else:
