@@ -23,10 +23,10 @@ from types import FunctionType
 from typing import TYPE_CHECKING, Any
 
 from polydatum.errors import DalMethodError
+from polydatum.services import Service
 
 if TYPE_CHECKING:
     from polydatum.context import DataAccessContext
-    from polydatum.services import Service
 
 __all__ = [
     "DalCommand",
@@ -178,8 +178,6 @@ def _class_attribute(cls: type, name: str) -> Any:
     ``register_services``), ``object`` and the metaclass are never searched: their
     methods are not service methods, and a DAL path may come from untrusted input.
     """
-    from polydatum.services import Service
-
     for klass in cls.__mro__:
         if klass is Service or klass is object:
             continue
