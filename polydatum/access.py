@@ -62,27 +62,6 @@ def _no_context() -> NoActiveContextError:
     )
 
 
-class _ServiceAttribute:
-    """``dal.<service>``: the registered Service object itself (polydatum 0.9.1's
-    ``dal.users is users``), found on the DAL's own class rather than through
-    ``__getattr__`` (a failed look-up first builds and discards an ``AttributeError``,
-    benchmarks/README.md). Its public methods are the DAL's commands for them (see
-    :meth:`DataAccessLayer._route`), so calls through it run the method middleware and
-    are traced. Reading it needs no active context; calling a method does.
-    """
-
-    __slots__ = ("name", "service")
-
-    def __init__(self, name: str, service: Service) -> None:
-        self.name = name
-        self.service = service  # replaced by replace_service
-
-    def __get__(self, dal: DataAccessLayer | None, owner: type | None = None) -> Any:
-        if dal is None:
-            return self
-        return self.service
-
-
 class DataAccessLayer:
     """Gives access to a DataManager's services: ``dal.users.profile.get(7)``.
 
@@ -98,15 +77,6 @@ class DataAccessLayer:
         default_middleware: Iterable[Any] | None = (dal_method_resolver_middleware,),
         handler: Callable[[DalCommandRequest], Any] = handle_dal_method,
     ) -> None:
-        cls = type(self)
-        if "_services_class" not in cls.__dict__:
-            # A class of this DAL's own, to hold a _ServiceAttribute per service.
-            self.__class__ = type(
-                cls.__name__,
-                (cls,),
-                {"_services_class": True, "__module__": cls.__module__,
-                 "__qualname__": cls.__qualname__},
-            )  # fmt: skip
         self._services: dict[str, Service] = {}
         self._data_manager = data_manager
         self._resolved: dict[tuple[str, ...], Resolved] = {}
@@ -210,13 +180,13 @@ class DataAccessLayer:
             _unroute(replaced)  # its methods are its own again
         self._services[key] = service
         self._route(service, (key,))
-        cls = type(self)
-        if (
-            cls.__dict__.get("_services_class")
-            and not key.startswith("_")
-            and not any(key in klass.__dict__ for klass in cls.__mro__[1:])
-        ):
-            setattr(cls, key, _ServiceAttribute(key, service))  # never over the DAL's own
+        if not key.startswith("_") and not any(key in k.__dict__ for k in type(self).__mro__):
+            # ``dal.<key>`` is the Service object (0.9.1's ``dal.users is users``), an
+            # instance attribute: found without ``__getattr__`` (a failed look-up first
+            # builds and discards an AttributeError) or a descriptor's Python call
+            # (benchmarks/README.md); never over the DAL's own attributes. Reading it
+            # needs no active context; calling one of its methods does.
+            self.__dict__[key] = service
         self._invalidate()
         return service
 

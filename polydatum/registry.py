@@ -299,8 +299,6 @@ class DataManager(Generic[DalT]):
         problems: list[str] = []
         context_attrs = set(dir(DataAccessContext)) | {"data_manager", "dal", "meta"}
         dal_class = type(self._dal)
-        if dal_class.__dict__.get("_services_class"):  # its _ServiceAttribute holder
-            dal_class = dal_class.__mro__[1]
         dal_attrs = set(dir(dal_class))
         for position, m in enumerate(self._middleware):
             if not is_generator(m):

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from polydatum import DataAccessContext, DataManager, Service, get_active_context
+from polydatum.dal import DataAccessLayer
 from polydatum.errors import ContextStateError, ValidationError
 
 
@@ -87,13 +88,13 @@ def test_replacing_the_context_class_is_honoured() -> None:
     assert hooks == ["setup"]
 
 
-def test_dal_services_are_descriptors_and_keep_the_checks() -> None:
+def test_dal_services_are_instance_attributes_and_keep_the_checks() -> None:
     dm = DataManager()
     dm.register_resources(db=db)
     dm.register_services(users=Users())
     dal = dm.get_dal()
-    assert "users" in type(dal).__dict__
-    assert type(dal).__name__ == "DataAccessLayer"
+    assert "users" in dal.__dict__  # an instance attribute: no __getattr__, no descriptor
+    assert type(dal) is DataAccessLayer
     users = dm.get_dal().services["users"]
     assert dal.users is users  # the Service object, context or not (0.9.1 and 1.0)
     with pytest.raises(AssertionError, match="A DataAccessContext must be started"):
@@ -106,7 +107,7 @@ def test_dal_services_are_descriptors_and_keep_the_checks() -> None:
 def test_a_service_named_like_a_dal_attribute_does_not_shadow_it() -> None:
     dm = DataManager()
     dm.register_services(services=Users())
-    assert "services" not in type(dm.get_dal()).__dict__
+    assert "services" not in dm.get_dal().__dict__
     with dm.dal():
         assert set(dm.get_dal().services) == {"services"}  # the DAL's own property
     with pytest.raises(ValidationError, match="service 'services' collides"):
