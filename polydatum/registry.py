@@ -263,7 +263,7 @@ class DataManager(Generic[DalT]):
     def context(self, meta: Meta | dict[str, Any] | None = None) -> DataAccessContext[DalT]:
         """A new (not yet entered) context; use ``with`` or ``async with``."""
         cls = self._ctx_class if self.Context is self._ctx_base else self._context_class()
-        ctx: DataAccessContext[DalT] = cls(self, meta=meta)
+        ctx: DataAccessContext[DalT] = cls(self, meta)
         return ctx
 
     def dal(self, meta: Meta | dict[str, Any] | None = None) -> DalScope[DalT]:
@@ -272,7 +272,7 @@ class DataManager(Generic[DalT]):
         The context itself is returned; entering it yields its DAL.
         """
         cls = self._ctx_class if self.Context is self._ctx_base else self._context_class()
-        ctx = cls(self, meta=meta)
+        ctx = cls(self, meta)
         ctx._c.yields_dal = True  # entering it gives its DAL
         scope: DalScope[DalT] = ctx  # type: ignore[assignment]  # (entered, it gives the DAL)
         return scope
