@@ -26,10 +26,14 @@ Two parts:
   context so that the 1,000 contexts are open together), each against the same number
   of contexts from a single thread or task; idle and traced (here the
   ``BatchSpanProcessor`` of ``bench_core.py``, flushed after every batch, untimed).
-  Rounds interleave the four runners in a rotating order, as in ``bench_core.py``;
-  reported: the median contexts/s of each and the ratio concurrent / single (of the
-  medians, and the median of the per-round ratios). With the GIL, 1.0 means that
-  concurrency costs nothing; below 1.0 is what contention costs.
+  The same runners also run a control: the same work without polydatum (the
+  generators stepped by hand; traced, with the six spans by hand), so what the
+  interpreter, asyncio and the SDK lose to concurrency is told apart from what
+  polydatum loses. Rounds interleave all runners in a rotating order, as in
+  ``bench_core.py``; reported: the median contexts/s of each, the ratio concurrent /
+  single (of the medians, and the median of the per-round ratios) and the time
+  concurrency adds to one request. With the GIL, 1.0 means that concurrency costs
+  nothing; below 1.0 is what contention (or a loop of 1,000 tasks) costs.
 """
 
 from __future__ import annotations
@@ -38,13 +42,16 @@ import argparse
 import asyncio
 import gc
 import json
+import os
 import platform
 import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Awaitable, Callable, Generator, Sequence
+from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
@@ -276,34 +283,125 @@ def instructions(modes: Sequence[str], sizes: Sequence[int], quick: bool) -> dic
 # -------------------------------------------------------------------- throughput
 
 
-def _request_a(mode: str) -> tuple[Any, Any, Any]:
-    """Shape A's DataManager for ``mode``, its provider (traced) and the check value."""
+def _setup(mode: str) -> tuple[Any, Any, Any]:
+    """Shape A's DataManager for ``mode``, the tracer provider (traced) and the
+    hand-written control's tracer (``None`` when idle)."""
     import bench_core
 
     from polydatum import DataManager, Service
 
     bench_core.structlog_quiet()
     options: dict[str, Any] = {}
-    provider = None
+    provider = tracer = None
     if mode == "traced":
         provider = bench_core.tracer_provider()
         options["tracer_provider"] = provider
+        tracer = provider.get_tracer("bench")
     dm = _workloads.build("A", DataManager, Service, **options)
-    return dm, provider, _workloads.EXPECTED["A"]
+    return dm, provider, tracer
+
+
+def control_sync(tracer: Any) -> Callable[[], Any]:
+    """Shape A without polydatum, for the same concurrency: the six spans by hand
+    (``_workloads.handwritten_a``) when traced, the generators stepped by hand when idle."""
+    if tracer is not None:
+        return _workloads.handwritten_a(tracer)
+    shim = SimpleNamespace(meta=_workloads.META)
+    mw_fn, db_fn = _workloads.request_id_middleware, _workloads.db
+
+    def run() -> Any:
+        mw = mw_fn(shim)
+        next(mw)
+        resource = db_fn(shim)
+        result = next(resource)["users"][1]
+        next(mw, None)
+        next(resource, None)
+        return result
+
+    return run
+
+
+def control_async(tracer: Any) -> Callable[[], Awaitable[Any]]:
+    """:func:`control_sync` as a coroutine with the ``await asyncio.sleep(0)`` where the
+    polydatum task has it: after the call, before the teardowns."""
+    shim = SimpleNamespace(meta=_workloads.META)
+    mw_fn, db_fn = _workloads.request_id_middleware, _workloads.db
+    sleep = asyncio.sleep
+    if tracer is None:
+
+        async def plain() -> Any:
+            mw = mw_fn(shim)
+            next(mw)
+            resource = db_fn(shim)
+            result = next(resource)["users"][1]
+            await sleep(0)
+            next(mw, None)
+            next(resource, None)
+            return result
+
+        return plain
+
+    span = tracer.start_as_current_span
+    mw_attrs = {
+        "polydatum.middleware.name": "request_id_middleware",
+        "polydatum.middleware.position": 0,
+    }
+    mw_down = {**mw_attrs, "polydatum.outcome": "ok"}
+    call_attrs = {"polydatum.service.path": "users.get", "code.function.name": _workloads.USERS_GET}
+
+    async def traced() -> Any:
+        with span("polydatum.context", attributes={"polydatum.context.id": os.urandom(8).hex()}):
+            with span("polydatum.middleware.setup request_id_middleware", attributes=mw_attrs):
+                mw = mw_fn(shim)
+                next(mw)
+            with span("users.get", attributes=call_attrs):
+                with span(
+                    "polydatum.resource.setup db", attributes={"polydatum.resource.name": "db"}
+                ):
+                    resource = db_fn(shim)
+                    handle = next(resource)
+                result = handle["users"][1]
+            await sleep(0)
+            with span("polydatum.middleware.teardown request_id_middleware", attributes=mw_down):
+                next(mw, None)
+            with span(
+                "polydatum.resource.teardown db",
+                attributes={"polydatum.resource.name": "db", "polydatum.outcome": "ok"},
+            ):
+                next(resource, None)
+        return result
+
+    return traced
+
+
+def polydatum_async(dm: Any) -> Callable[[], Awaitable[Any]]:
+    """One shape-A request through ``async with dm.dal(meta)``, open across an await."""
+    meta = _workloads.META
+    sleep = asyncio.sleep
+
+    async def request() -> Any:
+        async with dm.dal(meta) as dal:
+            result = dal.users.get(1)
+            await sleep(0)
+        return result
+
+    return request
 
 
 def threads_batch(run: Callable[[], Any], workers: int, contexts: int) -> float:
-    """Seconds for ``workers`` threads to run ``contexts`` contexts in all (started
+    """Seconds for ``workers`` threads to run ``contexts`` requests in all (started
     together by a barrier; thread creation is not timed)."""
     each = contexts // workers
     barrier = threading.Barrier(workers + 1)
     errors: list[BaseException] = []
+    want = _workloads.EXPECTED["A"]
 
     def work() -> None:
         barrier.wait()
         try:
             for _ in range(each):
-                run()
+                if run() != want:
+                    raise AssertionError("shape A returned something unexpected")
         except BaseException as error:  # reported by the caller
             errors.append(error)
 
@@ -320,20 +418,16 @@ def threads_batch(run: Callable[[], Any], workers: int, contexts: int) -> float:
     return elapsed
 
 
-def tasks_batch(dm: Any, workers: int, contexts: int, want: Any) -> float:
-    """Seconds for ``workers`` asyncio tasks to run ``contexts`` contexts in all, each
-    context open across an ``await`` (task creation is timed: it is part of the work)."""
+def tasks_batch(request: Callable[[], Awaitable[Any]], workers: int, contexts: int) -> float:
+    """Seconds for ``workers`` asyncio tasks to run ``contexts`` requests in all, one
+    after the other in each task (task creation is timed: it is part of the work)."""
     each = contexts // workers
-    meta = _workloads.META
-    sleep = asyncio.sleep
+    want = _workloads.EXPECTED["A"]
 
     async def work() -> None:
         for _ in range(each):
-            async with dm.dal(meta) as dal:
-                result = dal.users.get(1)
-                await sleep(0)
-            if result != want:
-                raise AssertionError(f"shape A returned {result!r}")
+            if await request() != want:
+                raise AssertionError("shape A returned something unexpected")
 
     async def batch() -> float:
         t0 = time.perf_counter()
@@ -344,7 +438,8 @@ def tasks_batch(dm: Any, workers: int, contexts: int, want: Any) -> float:
 
 
 def throughput(modes: Sequence[str], rounds: int, scale: float) -> dict[str, Any]:
-    """Contexts/s of the concurrent runners and their single-runner baselines, per mode."""
+    """Contexts/s of the concurrent runners and their single-runner baselines, per mode,
+    for polydatum and for the hand-written control."""
     results = [r for mode in modes for r in throughput_of(mode, rounds, scale)]
     return {
         "rounds": rounds,
@@ -355,55 +450,65 @@ def throughput(modes: Sequence[str], rounds: int, scale: float) -> dict[str, Any
 
 
 def throughput_of(mode: str, rounds: int, scale: float) -> list[dict[str, Any]]:
-    results = []
-    dm, provider, want = _request_a(mode)
-    run = _workloads.request("A", dm)
-    if run() != want:
-        raise SystemExit("shape A returned something unexpected")
+    dm, provider, tracer = _setup(mode)
     n_threads = max(THREADS, int(CONTEXTS[mode, "threads"] * scale) // THREADS * THREADS)
     n_tasks = max(TASKS, int(CONTEXTS[mode, "asyncio"] * scale) // TASKS * TASKS)
-    runners: dict[str, tuple[Callable[[], float], int]] = {
-        "1 thread": (lambda: threads_batch(run, 1, n_threads), n_threads),
-        f"{THREADS} threads": (lambda: threads_batch(run, THREADS, n_threads), n_threads),
-        "1 task": (lambda: tasks_batch(dm, 1, n_tasks, want), n_tasks),
-        f"{TASKS} tasks": (lambda: tasks_batch(dm, TASKS, n_tasks, want), n_tasks),
-    }
+    sync = {"polydatum": _workloads.request("A", dm), "control": control_sync(tracer)}
+    coroutines = {"polydatum": polydatum_async(dm), "control": control_async(tracer)}
+    runners: dict[tuple[str, str], tuple[Callable[[], float], int]] = {}
+    for who in ("polydatum", "control"):
+        run, request = sync[who], coroutines[who]
+        for workers in (1, THREADS):
+            runners[who, f"{workers} thread{'s' if workers > 1 else ''}"] = (
+                partial(threads_batch, run, workers, n_threads),
+                n_threads,
+            )
+        for workers in (1, TASKS):
+            runners[who, f"{workers} task{'s' if workers > 1 else ''}"] = (
+                partial(tasks_batch, request, workers, n_tasks),
+                n_tasks,
+            )
     settle = provider.force_flush if provider is not None else None
-    samples: dict[str, list[float]] = {name: [] for name in runners}
-    names = list(runners)
-    log(f"throughput ({mode}): {rounds} rounds of {', '.join(names)} ...")
-    for name in names:  # warm-up
-        runners[name][0]()
+    samples: dict[tuple[str, str], list[float]] = {key: [] for key in runners}
+    keys = list(runners)
+    log(f"throughput ({mode}): {rounds} rounds of {len(keys)} runners ...")
+    for key in keys:  # warm-up
+        runners[key][0]()
         if settle is not None:
             settle()
     for r in range(rounds):
-        for i in range(len(names)):
-            name = names[(r + i) % len(names)]
-            batch, contexts = runners[name]
-            samples[name].append(contexts / batch())
+        for i in range(len(keys)):
+            key = keys[(r + i) % len(keys)]
+            batch, contexts = runners[key]
+            samples[key].append(contexts / batch())
             if settle is not None:
                 settle()
     if provider is not None:
         provider.shutdown()
+    results = []
     for kind, single, concurrent, workers, contexts in (
         ("threads", "1 thread", f"{THREADS} threads", THREADS, n_threads),
         ("asyncio", "1 task", f"{TASKS} tasks", TASKS, n_tasks),
     ):
-        base, many = samples[single], samples[concurrent]
-        results.append(
-            {
-                "mode": mode,
-                "kind": kind,
-                "workers": workers,
-                "contexts_per_batch": contexts,
+        entry: dict[str, Any] = {
+            "mode": mode,
+            "kind": kind,
+            "workers": workers,
+            "contexts_per_batch": contexts,
+        }
+        for who in ("polydatum", "control"):
+            base, many = samples[who, single], samples[who, concurrent]
+            entry[who] = {
                 "baseline": _cps(single, base),
                 "concurrent": _cps(concurrent, many),
                 "ratio_of_medians": round(statistics.median(many) / statistics.median(base), 3),
                 "paired_ratio": round(
                     statistics.median(m / b for m, b in zip(many, base, strict=True)), 3
                 ),
+                # what concurrency adds to one request, in µs (medians)
+                "extra_us": round(1e6 / statistics.median(many) - 1e6 / statistics.median(base), 3),
             }
-        )
+        results.append(entry)
     return results
 
 
@@ -417,8 +522,6 @@ def _cps(name: str, samples: list[float]) -> dict[str, Any]:
 
 
 def _cpus() -> int:
-    import os
-
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -453,17 +556,22 @@ def render(report: dict[str, Any]) -> str:
         lines += [
             "",
             f"throughput of shape A contexts, wall clock ({part['rounds']} interleaved rounds, "
-            f"{part['cpus']} CPUs, switch interval {part['switch_interval_s'] * 1000:g} ms)",
+            f"{part['cpus']} CPUs, switch interval {part['switch_interval_s'] * 1000:g} ms); "
+            "control: the same work by hand (traced: the six spans by hand)",
             "",
-            f"{'mode':<7} {'runner':<10} {'contexts':>8} {'single ctx/s':>13} "
-            f"{'concurrent ctx/s':>17} {'ratio':>6} {'paired':>7}",
+            f"{'mode':<7} {'runner':<10} {'contexts':>8} {'who':<9} {'single ctx/s':>13} "
+            f"{'concurrent ctx/s':>17} {'ratio':>6} {'paired':>7} {'extra µs':>9}",
         ]
         for r in part["results"]:
-            lines.append(
-                f"{r['mode']:<7} {r['concurrent']['runner']:<10} {r['contexts_per_batch']:>8} "
-                f"{r['baseline']['median_cps']:>13,} {r['concurrent']['median_cps']:>17,} "
-                f"{r['ratio_of_medians']:>6.3f} {r['paired_ratio']:>7.3f}"
-            )
+            for who in ("polydatum", "control"):
+                x = r[who]
+                lines.append(
+                    f"{r['mode']:<7} {x['concurrent']['runner']:<10} "
+                    f"{r['contexts_per_batch']:>8} {who:<9} "
+                    f"{x['baseline']['median_cps']:>13,} {x['concurrent']['median_cps']:>17,} "
+                    f"{x['ratio_of_medians']:>6.3f} {x['paired_ratio']:>7.3f} "
+                    f"{x['extra_us']:>9.2f}"
+                )
     return "\n".join(lines)
 
 

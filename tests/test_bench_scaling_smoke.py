@@ -5,8 +5,8 @@ point of the instruction part is counted under callgrind (quick mode: sizes 1 an
 idle only, the n/3n method of bench_instructions.py: 8 callgrind runs of an
 interpreter importing polydatum and the SDK, most of this test's ~40 s), every axis
 gets its line, and the throughput part reports contexts/s of 8 threads and 1,000
-asyncio tasks against a single thread and task, idle and traced. The traced child
-runs natively in the second test.
+asyncio tasks against a single thread and task, idle and traced, for polydatum and
+for the hand-written control. The traced child runs natively in the second test.
 """
 
 from __future__ import annotations
@@ -88,14 +88,25 @@ def test_quick_run_reports_both_parts() -> None:
     for r in part["results"]:
         single = "1 thread" if r["kind"] == "threads" else "1 task"
         many = "8 threads" if r["kind"] == "threads" else "1000 tasks"
-        assert (r["baseline"]["runner"], r["concurrent"]["runner"]) == (single, many)
+        assert set(r) == {"mode", "kind", "workers", "contexts_per_batch", "polydatum", "control"}
         assert r["contexts_per_batch"] % r["workers"] == 0
-        for side in (r["baseline"], r["concurrent"]):
-            assert set(side) == {"runner", "median_cps", "max_cps", "samples_cps"}
-            assert len(side["samples_cps"]) == 2
-            assert all(isinstance(s, int) and s > 0 for s in side["samples_cps"])
-            assert side["max_cps"] == max(side["samples_cps"])
-        assert r["ratio_of_medians"] > 0 and r["paired_ratio"] > 0
+        for who in ("polydatum", "control"):
+            x = r[who]
+            assert set(x) == {
+                "baseline",
+                "concurrent",
+                "ratio_of_medians",
+                "paired_ratio",
+                "extra_us",
+            }
+            assert (x["baseline"]["runner"], x["concurrent"]["runner"]) == (single, many)
+            for side in (x["baseline"], x["concurrent"]):
+                assert set(side) == {"runner", "median_cps", "max_cps", "samples_cps"}
+                assert len(side["samples_cps"]) == 2
+                assert all(isinstance(s, int) and s > 0 for s in side["samples_cps"])
+                assert side["max_cps"] == max(side["samples_cps"])
+            assert x["ratio_of_medians"] > 0 and x["paired_ratio"] > 0
+            assert isinstance(x["extra_us"], float)
 
 
 def test_children_run_every_mode_natively() -> None:
