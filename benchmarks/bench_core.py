@@ -407,9 +407,8 @@ def _describe_lines(text: str, spans: Sequence[Any]) -> list[dict[str, Any]]:
         line = json.loads(raw)
         ids = (line.pop("context_id", None), line.pop("trace_id", None), line.pop("span_id", None))
         line["ids"] = "a context span of this run" if ids in contexts else f"unknown: {ids}"
-        for key in ("duration_ms",):
-            if key in line:
-                line[key] = type(line[key]).__name__
+        if "duration_ms" in line:
+            line["duration_ms"] = type(line["duration_ms"]).__name__
         for entry in line.get("middleware", []):
             for key in entry:
                 if key.endswith("_ms"):

@@ -17,6 +17,14 @@ a ``SimpleSpanProcessor`` into an exporter that drops them (the batch processor'
 thread wakes on timers, which makes counts vary between runs); the per-span work is
 the same for every contender either way.
 
+The everything condition compares polydatum A, and polydatum A with
+``step_metrics=False``, with the hand-written references that record the same spans,
+metric samples and log line (target 1.05x); before counting, ``bench_core``'s
+``check_everything`` runs in this process and stops the run if a pair records
+different telemetry (its result is in the report). The old reference (six spans and a
+3-field line, no metrics) is still counted, for information. ``instructions_per_request``
+is the n/3n helper for any program (``bench_scaling.py`` uses it too).
+
     .venv/bin/python benchmarks/bench_instructions.py            # ~4 min on 2 cores
     .venv/bin/python benchmarks/bench_instructions.py --json
     .venv/bin/python benchmarks/bench_instructions.py --requests 50 --no-legacy   # quick
