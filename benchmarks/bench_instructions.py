@@ -22,7 +22,7 @@ The everything condition compares polydatum A, and polydatum A with
 metric samples and log line (target 1.05x); before counting, ``bench_core``'s
 ``check_everything`` runs in this process and stops the run if a pair records
 different telemetry (its result is in the report). The old reference (six spans and a
-3-field line, no metrics) is still counted, for information. ``instructions_per_request``
+3-field line, no metrics) is still counted, for information. ``per_request_of``
 is the n/3n helper for any program (``bench_scaling.py`` uses it too).
 
     .venv/bin/python benchmarks/bench_instructions.py            # ~4 min on 2 cores
@@ -150,6 +150,12 @@ def count(command: Sequence[str]) -> int:
     return int(found.group(1))
 
 
+def in_parallel(function: Callable[[Any], float], jobs: Sequence[Any]) -> list[float]:
+    """``function`` of every job, one callgrind run per core at a time."""
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return list(pool.map(function, jobs))
+
+
 def command_for(
     condition: str, contender: str, requests: int, legacy_python: str | None
 ) -> list[str]:
@@ -163,15 +169,14 @@ def command_for(
     ]  # fmt: skip
 
 
-def instructions_per_request(command: Callable[[int], Sequence[str]], requests: int) -> float:
-    """Instructions of one request of the program ``command(n)`` (which runs the same
-    warm-up, then ``n`` requests): (count(3n) - count(n)) / 2n, start-up, imports and
-    warm-up cancelled out.
+def per_request_of(command: Callable[[int], Sequence[str]], requests: int) -> float:
+    """Instructions of one request: (count(3n) - count(n)) / 2n, warm-up cancelled out.
 
-    A first, uncounted run writes the bytecode caches of everything the program
-    imports: otherwise the first counted run (after an edit, or in a new venv) also
-    compiles them and the difference comes out too small (0.9.1 measured 73.7k instead
-    of 90.8k in a fresh venv).
+    ``command(n)`` is the child that runs ``n`` requests after the warm-up
+    (``bench_peers.py`` passes its own). A first, uncounted run writes the bytecode
+    caches of everything the contender imports: otherwise the first counted run (after
+    an edit, or in a new venv) also compiles them and the difference comes out too small
+    (0.9.1 measured 73.7k instead of 90.8k in a fresh venv).
     """
     subprocess.run(
         command(1),
@@ -185,16 +190,8 @@ def instructions_per_request(command: Callable[[int], Sequence[str]], requests: 
 
 
 def per_request(condition: str, contender: str, requests: int, legacy_python: str | None) -> float:
-    """Instructions of one request of ``contender`` (see :func:`instructions_per_request`)."""
-    return instructions_per_request(
-        lambda n: command_for(condition, contender, n, legacy_python), requests
-    )
-
-
-def in_parallel(function: Callable[[Any], float], jobs: Sequence[Any]) -> list[float]:
-    """``function`` of every job, one callgrind run per core at a time."""
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        return list(pool.map(function, jobs))
+    """Instructions of one request of ``contender`` under ``condition`` (``per_request_of``)."""
+    return per_request_of(lambda n: command_for(condition, contender, n, legacy_python), requests)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

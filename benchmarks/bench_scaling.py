@@ -242,7 +242,7 @@ def instructions(modes: Sequence[str], sizes: Sequence[int], quick: bool) -> dic
     def measure(job: tuple[str, tuple[int, int, int]]) -> float:
         mode, workload = job
         n = requests_for(mode, workload, quick)
-        return bench_instructions.instructions_per_request(command(mode, workload, n), n)
+        return bench_instructions.per_request_of(command(mode, workload, n), n)
 
     log(f"instructions: {len(jobs)} workloads under callgrind, n and 3n each ...")
     counts = dict(zip(jobs, bench_instructions.in_parallel(measure, jobs), strict=True))
