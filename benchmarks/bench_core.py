@@ -14,11 +14,15 @@ What it measures, in one run (see benchmarks/README.md for the reasoning):
   exporter that drops: polydatum A vs the same six spans written by hand with
   ``tracer.start_as_current_span`` around the same work (target <= 1.0x).
 * **everything** -- tracing as above, an SDK ``MeterProvider`` with an
-  ``InMemoryMetricReader``, structlog JSON at INFO to /dev/null: polydatum A vs the
-  hand-written six spans plus one hand-written INFO log line (target <= 1.3x).
-  Also measured, for information (no target): the same with
-  ``DataManager(step_metrics=False)``, which leaves out the four per-phase histogram
-  samples (see benchmarks/README.md, "Why everything-on is still missed").
+  ``InMemoryMetricReader`` (one per contender), structlog JSON at INFO to /dev/null:
+  polydatum A vs shape A written by hand with the same six spans, the same six metric
+  samples (the same instruments, attributes and exemplar filter) and the same
+  canonical INFO line (target <= 1.05x); and ``DataManager(step_metrics=False)`` vs
+  the hand-written equivalent of what it then records (the six spans, the context and
+  call samples, the same line; target <= 1.05x). ``everything_check`` verifies before
+  timing that each pair records the same spans, metric points and log lines. Also
+  reported, for information: both against the old reference (six spans and a 3-field
+  INFO line, no metrics; the old target 1.3x).
 * **memory** -- 100,000 sequential contexts (idle and everything on): no context
   object survives ``gc.collect()`` and less than 1 MB stays allocated (tracemalloc).
 
@@ -39,6 +43,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import inspect
+import io
 import json
 import logging
 import os
@@ -46,12 +52,11 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 import tracemalloc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
@@ -64,7 +69,7 @@ import _workloads  # noqa: E402
 import structlog  # noqa: E402
 from opentelemetry.sdk.metrics import MeterProvider  # noqa: E402
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader  # noqa: E402
-from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider  # noqa: E402
 from opentelemetry.sdk.trace.export import (  # noqa: E402
     BatchSpanProcessor,
     SimpleSpanProcessor,
@@ -89,10 +94,16 @@ PROBE = "import importlib.metadata as m; print(m.version('polydatum'))"
 RUNNER = HERE / "_legacy_runner.py"
 
 MEMORY_LIMIT_BYTES = 1024 * 1024
-TARGETS = {"idle": 0.6, "tracing": 1.0, "everything": 1.3}
+TARGETS = {"idle": 0.6, "tracing": 1.0, "everything": 1.05}
+#: The everything-on target against the old reference (no metrics, a 3-field line).
+OLD_EVERYTHING_TARGET = 1.3
 
-#: The informational contender of the everything condition (no target of its own).
-STEPS_OFF = "polydatum A, step_metrics=False"
+#: polydatum A with ``DataManager(step_metrics=False)`` (the everything condition).
+STEPS_OFF = _workloads.STEPS_OFF
+REFERENCE_SPANS = _workloads.REFERENCE_SPANS
+REFERENCE_EVERYTHING = _workloads.REFERENCE_EVERYTHING
+REFERENCE_STEPS_OFF = _workloads.REFERENCE_STEPS_OFF
+REFERENCE_OLD = _workloads.REFERENCE_OLD
 
 
 # ------------------------------------------------------------------ the 0.9.1 child
@@ -171,52 +182,29 @@ class LegacyProcess:
 
 
 def handwritten_a(tracer: Any, logger: Any = None) -> Callable[[], Any]:
-    """Shape A without polydatum: the same work and the same six spans, by hand.
+    """Shape A without polydatum: the six spans by hand (``_workloads.handwritten_a``);
+    with ``logger``, the old reference's 3-field INFO line."""
+    return _workloads.handwritten_a(tracer, logger)
 
-    The spans carry the attributes polydatum records (DESIGN.md §4) and nest the
-    same way: the lazy resource's setup under the service call that needs it,
-    everything else under the context span. With ``logger``, one INFO line at the
-    end (the hand-written counterpart of polydatum's canonical log line).
-    """
-    meta = _workloads.META
-    shim = SimpleNamespace(meta=meta)
-    mw_fn = _workloads.request_id_middleware
-    db_fn = _workloads.db
-    span = tracer.start_as_current_span
-    function = f"{_workloads.__name__}.build.<locals>.Users.get"
-    mw_attrs = {"polydatum.middleware.name": mw_fn.__name__, "polydatum.middleware.position": 0}
-    mw_down = {**mw_attrs, "polydatum.outcome": "ok"}
-    db_attrs = {"polydatum.resource.name": "db"}
-    db_down = {**db_attrs, "polydatum.outcome": "ok"}
-    call_attrs = {"polydatum.service.path": "users.get", "code.function.name": function}
-    perf_counter = time.perf_counter
 
-    def run() -> Any:
-        t0 = perf_counter()
-        context_id = os.urandom(8).hex()
-        with span("polydatum.context", attributes={"polydatum.context.id": context_id}):
-            with span("polydatum.middleware.setup request_id_middleware", attributes=mw_attrs):
-                mw = mw_fn(shim)
-                next(mw)
-            with span("users.get", attributes=call_attrs):
-                with span("polydatum.resource.setup db", attributes=db_attrs):
-                    resource = db_fn(shim)
-                    handle = next(resource)
-                result = handle["users"][1]
-            with span("polydatum.middleware.teardown request_id_middleware", attributes=mw_down):
-                next(mw, None)
-            with span("polydatum.resource.teardown db", attributes=db_down):
-                next(resource, None)
-            if logger is not None:
-                logger.info(
-                    "request",
-                    context_id=context_id,
-                    outcome="ok",
-                    duration_ms=round((perf_counter() - t0) * 1000, 3),
-                )
-        return result
-
-    return run
+def reference_request(
+    name: str, tracer_provider: Any, meter_provider: Any = None
+) -> Callable[[], Any]:
+    """The hand-written contender ``name`` (a ``_workloads.REFERENCE_*``) on these
+    providers, logging through the structlog configuration in force."""
+    tracer = tracer_provider.get_tracer("bench")
+    if name == REFERENCE_SPANS:
+        return _workloads.handwritten_a(tracer)
+    if name == REFERENCE_OLD:
+        return _workloads.handwritten_a(tracer, structlog.get_logger("app"))
+    # Bound once, as polydatum keeps its assembled logger: no lazy proxy per line.
+    logger = structlog.get_logger("app").bind()
+    meter = meter_provider.get_meter("bench")
+    if name == REFERENCE_EVERYTHING:
+        return _workloads.handwritten_everything_a(tracer, meter, logger)
+    if name == REFERENCE_STEPS_OFF:
+        return _workloads.handwritten_everything_lean_a(tracer, meter, logger)
+    raise ValueError(f"unknown reference {name!r}")
 
 
 class DropExporter(SpanExporter):
@@ -240,6 +228,16 @@ def tracer_provider() -> TracerProvider:
     provider = TracerProvider()
     provider.add_span_processor(BatchSpanProcessor(DropExporter(), max_queue_size=1 << 16))
     return provider
+
+
+def meter_provider() -> MeterProvider:
+    """An SDK meter provider with an in-memory reader (collected only by the checks).
+
+    The SDK's defaults otherwise, so the exemplar filter is its default one
+    (``trace_based``, unless ``OTEL_METRICS_EXEMPLAR_FILTER`` says otherwise), the same
+    for every contender built here.
+    """
+    return MeterProvider(metric_readers=[InMemoryMetricReader()])
 
 
 def structlog_quiet() -> None:
@@ -283,6 +281,242 @@ def check_same_spans() -> dict[str, Any]:
     theirs = span_shape(exporter.get_finished_spans())
     provider.shutdown()
     return {"polydatum": ours, "handwritten": theirs, "same": ours == theirs}
+
+
+class RecordingMeterProvider:
+    """A meter provider that remembers every instrument created through it.
+
+    It hands out the SDK provider's meters wrapped in :class:`_RecordingMeter`, so the
+    fairness check sees which instruments a contender creates (name, kind, unit,
+    description, bucket advice), including those that never record a point.
+    """
+
+    def __init__(self, provider: MeterProvider) -> None:
+        self.provider = provider
+        self.created: list[list[Any]] = []
+
+    def get_meter(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        return _RecordingMeter(self.provider.get_meter(name, *args, **kwargs), self.created)
+
+
+class _RecordingMeter:
+    def __init__(self, meter: Any, created: list[list[Any]]) -> None:
+        self._meter = meter
+        self._created = created
+
+    def __getattr__(self, attribute: str) -> Any:
+        method = getattr(self._meter, attribute)
+        if not attribute.startswith("create_"):
+            return method
+        signature = inspect.signature(method)
+
+        def create(*args: Any, **kwargs: Any) -> Any:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            given = bound.arguments
+            advice = given.get("explicit_bucket_boundaries_advisory")
+            self._created.append(
+                [
+                    attribute.removeprefix("create_"),
+                    given["name"],
+                    given.get("unit", ""),
+                    given.get("description", ""),
+                    None if advice is None else list(advice),
+                ]
+            )
+            return method(*args, **kwargs)
+
+        return create
+
+
+def _span_ids(span: Any) -> tuple[str, str]:
+    return format(span.context.trace_id, "032x"), format(span.context.span_id, "016x")
+
+
+def _describe_spans(spans: Sequence[Any]) -> list[list[Any]]:
+    """Each span as ``[name, parent name, kind, status, attributes]``, sorted; the
+    context id (random) as its shape."""
+    by_id = {s.context.span_id: s.name for s in spans}
+    described = []
+    for s in spans:
+        attributes = dict(s.attributes or {})
+        if "polydatum.context.id" in attributes:
+            value = attributes["polydatum.context.id"]
+            ok = isinstance(value, str) and len(value) == 16 and int(value, 16) >= 0
+            attributes["polydatum.context.id"] = "<16 hex digits>" if ok else repr(value)
+        described.append(
+            [
+                s.name,
+                by_id.get(s.parent.span_id) if s.parent else None,
+                s.kind.name,
+                s.status.status_code.name,
+                sorted(attributes.items()),
+            ]
+        )
+    return sorted(described, key=json.dumps)
+
+
+def _describe_metrics(data: Any, spans: Sequence[Any]) -> list[dict[str, Any]]:
+    """Every metric collected: name, unit, description, kind; per point its attributes,
+    count (histograms) or value (sums), bucket bounds, and the names of the spans its
+    exemplars point at (where the exemplar filter looked)."""
+    span_names = {s.context.span_id: s.name for s in spans}
+    described = []
+    for resource_metrics in data.resource_metrics if data is not None else ():
+        for scope_metrics in resource_metrics.scope_metrics:
+            for metric in scope_metrics.metrics:
+                points = []
+                for point in metric.data.data_points:
+                    entry: dict[str, Any] = {"attributes": sorted(point.attributes.items())}
+                    if hasattr(point, "count"):
+                        entry["count"] = point.count
+                        entry["explicit_bounds"] = list(point.explicit_bounds)
+                    else:
+                        entry["value"] = point.value
+                    entry["exemplar_spans"] = sorted(
+                        {
+                            span_names.get(e.span_id, "<not a span of this run>")
+                            for e in point.exemplars
+                        }
+                    )
+                    points.append(entry)
+                described.append(
+                    {
+                        "name": metric.name,
+                        "unit": metric.unit,
+                        "description": metric.description,
+                        "kind": type(metric.data).__name__,
+                        "monotonic": getattr(metric.data, "is_monotonic", None),
+                        "points": sorted(points, key=json.dumps),
+                    }
+                )
+    return sorted(described, key=lambda m: m["name"])
+
+
+def _describe_lines(text: str, spans: Sequence[Any]) -> list[dict[str, Any]]:
+    """The JSON log lines, with what varies per run replaced by what it must be: the
+    ids by whether they name a context span of this run (its ``polydatum.context.id``,
+    trace and span id), each duration by its type, the timestamp by its format."""
+    contexts = {
+        (s.attributes["polydatum.context.id"], *_span_ids(s))
+        for s in spans
+        if s.name == "polydatum.context"
+    }
+    lines = []
+    for raw in text.splitlines():
+        line = json.loads(raw)
+        ids = (line.pop("context_id", None), line.pop("trace_id", None), line.pop("span_id", None))
+        line["ids"] = "a context span of this run" if ids in contexts else f"unknown: {ids}"
+        if "duration_ms" in line:
+            line["duration_ms"] = type(line["duration_ms"]).__name__
+        for entry in line.get("middleware", []):
+            for key in entry:
+                if key.endswith("_ms"):
+                    entry[key] = type(entry[key]).__name__
+        stamp = line.get("timestamp")
+        if isinstance(stamp, str) and stamp.endswith("Z"):
+            datetime.fromisoformat(stamp[:-1])  # raises unless ISO 8601
+            line["timestamp"] = "ISO 8601, UTC"
+        lines.append(line)
+    return lines
+
+
+class _ActiveProbe(SpanProcessor):
+    """Collects the metrics when a ``users.get`` span starts (in the middle of a
+    request) and keeps the ``polydatum.context.active`` values it reads: the gauge
+    must count the open context. It reads a reader of its own: a collection resets
+    the reader's exemplar reservoirs, and the final collection must see them all."""
+
+    def __init__(self, reader: InMemoryMetricReader) -> None:
+        self.reader = reader
+        self.seen: list[Any] = []
+
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        if span.name != "users.get":
+            return
+        data = self.reader.get_metrics_data()
+        for metric in _describe_metrics(data, ()):
+            if metric["name"] == "polydatum.context.active":
+                self.seen.append([p["value"] for p in metric["points"]])
+
+
+def capture(make: Callable[[Any, Any], Callable[[], Any]], requests: int = 3) -> dict[str, Any]:
+    """What ``requests`` requests of one contender record, on fresh providers: spans,
+    instruments created, metric points (collected once at the end; the active-context
+    gauge also in the middle of each request) and INFO lines (``configure_logging``'s
+    JSON)."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    reader = InMemoryMetricReader()
+    probe = _ActiveProbe(InMemoryMetricReader())
+    provider.add_span_processor(probe)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    meters = RecordingMeterProvider(MeterProvider(metric_readers=[reader, probe.reader]))
+    stream = io.StringIO()
+    structlog.reset_defaults()
+    configure_logging(json_output=True, level=logging.INFO, stream=stream)
+    try:
+        run = make(provider, meters)
+        expected = normalized(_workloads.EXPECTED["A"])
+        for _ in range(requests):
+            if normalized(run()) != expected:
+                raise SystemExit("shape A returned something unexpected")
+        spans = exporter.get_finished_spans()
+        return {
+            "spans": _describe_spans(spans),
+            "instruments": sorted(meters.created, key=json.dumps),
+            "metric_points": _describe_metrics(reader.get_metrics_data(), spans),
+            "active_during_request": probe.seen,
+            "log_lines": _describe_lines(stream.getvalue(), spans),
+        }
+    finally:
+        provider.shutdown()
+        meters.provider.shutdown()
+        structlog.reset_defaults()
+
+
+#: The aspects :func:`check_everything` compares.
+FAIRNESS_ASPECTS = ("spans", "instruments", "metric_points", "active_during_request", "log_lines")
+
+
+def check_everything(requests: int = 3) -> dict[str, Any]:
+    """Verify that each hand-written everything-on reference records what its polydatum
+    contender records: the same spans (names, nesting, kind, status, attributes), the
+    same instruments (kind, name, unit, description, bucket advice), the same metric
+    points (attributes, counts, bounds; exemplars pointing at the same spans), the same
+    ``polydatum.context.active`` reading in the middle of a request, and equivalent
+    log lines (the same fields and values; ids of the run's context spans).
+
+    Returns, per pair, what both recorded and whether each aspect is the same; ``fair``
+    is whether every aspect of every pair is.
+    """
+    pairs = {
+        "step_metrics=True": (True, REFERENCE_EVERYTHING),
+        "step_metrics=False": (False, REFERENCE_STEPS_OFF),
+    }
+    report: dict[str, Any] = {"requests": requests}
+    fair = True
+    for label, (step_metrics, reference) in pairs.items():
+
+        def ours(tracer: Any, meters: Any, step_metrics: bool = step_metrics) -> Any:
+            options = {"tracer_provider": tracer, "meter_provider": meters}
+            return polydatum_request("A", step_metrics=step_metrics, **options)[1]
+
+        def theirs(tracer: Any, meters: Any, reference: str = reference) -> Any:
+            return reference_request(reference, tracer, meters)
+
+        polydatum_side = capture(ours, requests)
+        handwritten_side = capture(theirs, requests)
+        same = {a: polydatum_side[a] == handwritten_side[a] for a in FAIRNESS_ASPECTS}
+        fair = fair and all(same.values())
+        report[label] = {
+            "reference": reference,
+            "polydatum": polydatum_side,
+            "handwritten": handwritten_side,
+            "same": same,
+        }
+    report["fair"] = fair
+    return report
 
 
 def records(dm: DataManager) -> bool:
@@ -402,49 +636,66 @@ def condition_idle(
 def condition_traced(name: str, rounds: int, sizes: dict[str, int]) -> dict[str, Any]:
     """``tracing`` (spans only) or ``everything`` (spans, metrics, INFO JSON logs)."""
     provider = tracer_provider()
-    meter_provider = None
-    logger = None
+    meter_providers: list[MeterProvider] = []
+    expected = normalized(_workloads.EXPECTED["A"])
+
+    def contender(label: str, run: Callable[[], Any]) -> Contender:
+        if normalized(run()) != expected:
+            raise SystemExit(f"{label} returned something unexpected")
+        return Contender(label, local(run), sizes["A"])
+
+    # (subject, reference, target, informational)
+    pairs: list[tuple[Contender, Contender, float, bool]] = []
     if name == "everything":
-        meter_provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
         structlog_json_info()
-        logger = structlog.get_logger("app")
         setup = (
-            "SDK TracerProvider + BatchSpanProcessor(drop); MeterProvider + "
-            "InMemoryMetricReader; structlog JSON at INFO to /dev/null"
+            "SDK TracerProvider + BatchSpanProcessor(drop); a MeterProvider + "
+            "InMemoryMetricReader per contender; structlog JSON at INFO to /dev/null"
         )
-        reference_name = "hand-written A (6 spans + 1 INFO line)"
+
+        def meters() -> MeterProvider:
+            meter_providers.append(meter_provider())
+            return meter_providers[-1]
+
+        _, ours = polydatum_request("A", tracer_provider=provider, meter_provider=meters())
+        _, lean = polydatum_request(
+            "A", step_metrics=False, tracer_provider=provider, meter_provider=meters()
+        )
+        subject = contender("polydatum A", ours)
+        reference = contender(
+            REFERENCE_EVERYTHING, reference_request(REFERENCE_EVERYTHING, provider, meters())
+        )
+        lean_subject = contender(STEPS_OFF, lean)
+        lean_reference = contender(
+            REFERENCE_STEPS_OFF, reference_request(REFERENCE_STEPS_OFF, provider, meters())
+        )
+        old = contender(REFERENCE_OLD, reference_request(REFERENCE_OLD, provider))
+        contenders = [subject, reference, lean_subject, lean_reference, old]
+        pairs = [
+            (subject, reference, TARGETS[name], False),
+            (lean_subject, lean_reference, TARGETS[name], False),
+            (subject, old, OLD_EVERYTHING_TARGET, True),
+            (lean_subject, old, OLD_EVERYTHING_TARGET, True),
+        ]
     else:
         structlog_quiet()
         setup = "SDK TracerProvider + BatchSpanProcessor(drop); structlog filtering below WARNING"
-        reference_name = "hand-written A (6 spans)"
-    options: dict[str, Any] = {"tracer_provider": provider}
-    if meter_provider is not None:
-        options["meter_provider"] = meter_provider
-    _, ours = polydatum_request("A", **options)
-    theirs = handwritten_a(provider.get_tracer("bench"), logger)
-    expected = normalized(_workloads.EXPECTED["A"])
-    if normalized(ours()) != expected or normalized(theirs()) != expected:
-        raise SystemExit("shape A returned something unexpected")
-    subject = Contender("polydatum A", local(ours), sizes["A"])
-    reference = Contender(reference_name, local(theirs), sizes["A"])
-    contenders = [subject, reference]
-    if name == "everything":
-        _, lean = polydatum_request("A", step_metrics=False, **options)
-        contenders.append(Contender(STEPS_OFF, local(lean), sizes["A"]))
+        _, ours = polydatum_request("A", tracer_provider=provider)
+        subject = contender("polydatum A", ours)
+        reference = contender(REFERENCE_SPANS, reference_request(REFERENCE_SPANS, provider))
+        contenders = [subject, reference]
+        pairs = [(subject, reference, TARGETS[name], False)]
     try:
         measure(contenders, rounds, settle=provider.force_flush)
     finally:
         provider.shutdown()
-        if meter_provider is not None:
-            meter_provider.shutdown()
-    comparisons = [compare(subject, reference, TARGETS[name])]
-    if len(contenders) == 3:
-        comparisons.append(compare(contenders[2], reference, TARGETS[name], informational=True))
+        for meter_provider_ in meter_providers:
+            meter_provider_.shutdown()
     return {
         "name": name,
         "setup": setup,
         "contenders": {c.name: summarize(c) for c in contenders},
-        "comparisons": comparisons,
+        "comparisons": [compare(*pair) for pair in pairs],
     }
 
 
@@ -529,21 +780,33 @@ def memory_check(name: str, contexts: int) -> dict[str, Any]:
 def render(report: dict[str, Any]) -> str:
     legacy = report["legacy"].get("polydatum", "-")
     quick = "  [QUICK: figures are not meaningful]" if report["quick"] else ""
+    conditions = report["conditions"]
+    width = max([9, *(len(name) for cond in conditions for name in cond["contenders"])])
+    pair_width = max(
+        [
+            22,
+            *(
+                len(f"{c['subject']} / {c['reference']}")
+                for d in conditions
+                for c in d["comparisons"]
+            ),
+        ]
+    )
     lines = [
         f"polydatum {report['polydatum']} (this checkout) vs {legacy} (legacy child) "
         f"on Python {report['python']}; {report['rounds']} interleaved rounds{quick}",
         "",
-        f"{'condition':<11} {'contender':<40} {'batch':>6} {'median µs':>10} {'min µs':>9}",
+        f"{'condition':<11} {'contender':<{width}} {'batch':>6} {'median µs':>10} {'min µs':>9}",
     ]
     for cond in report["conditions"]:
         for name, c in cond["contenders"].items():
             lines.append(
-                f"{cond['name']:<11} {name:<40} {c['batch']:>6} "
+                f"{cond['name']:<11} {name:<{width}} {c['batch']:>6} "
                 f"{c['median_us']:>10.2f} {c['min_us']:>9.2f}"
             )
     lines += [
         "",
-        f"{'condition':<11} {'polydatum vs reference':<54} {'ratio':>6} {'min':>6} "
+        f"{'condition':<11} {'polydatum vs reference':<{pair_width}} {'ratio':>6} {'min':>6} "
         f"{'paired':>6} {'target':>7}  verdict",
     ]
     for cond in report["conditions"]:
@@ -554,7 +817,7 @@ def render(report: dict[str, Any]) -> str:
             if cmp["informational"]:
                 verdict = f"(for information: {verdict.lower()})"
             lines.append(
-                f"{cond['name']:<11} {pair:<54} {cmp['median_ratio']:>6.2f} "
+                f"{cond['name']:<11} {pair:<{pair_width}} {cmp['median_ratio']:>6.2f} "
                 f"{cmp['min_ratio']:>6.2f} {cmp['paired_ratio']:>6.2f} {target:>7}  {verdict}"
             )
     if report["memory"]:
@@ -571,6 +834,30 @@ def render(report: dict[str, Any]) -> str:
     check = report.get("span_check")
     if check is not None:
         lines += ["", f"hand-written spans identical to polydatum's: {check['same']}"]
+    fairness = report.get("everything_check")
+    if fairness is not None:
+        lines += ["", render_everything_check(fairness)]
+    return "\n".join(lines)
+
+
+def render_everything_check(check: dict[str, Any]) -> str:
+    """One line per everything-on pair: which aspects the fairness check found the same."""
+    lines = [
+        f"everything-on references record what polydatum records ({check['requests']} "
+        f"requests each): {'FAIR' if check['fair'] else 'NOT FAIR'}"
+    ]
+    for label in ("step_metrics=True", "step_metrics=False"):
+        pair = check[label]
+        ours = pair["polydatum"]
+        aspects = ", ".join(
+            f"{a} {'same' if ok else 'DIFFERENT'}" for a, ok in pair["same"].items()
+        )
+        lines.append(
+            f"  polydatum A, {label} / {pair['reference']}: {aspects} "
+            f"({len(ours['spans'])} spans, {len(ours['instruments'])} instruments, "
+            f"{sum(len(m['points']) for m in ours['metric_points'])} metric points, "
+            f"{len(ours['log_lines'])} log lines)"
+        )
     return "\n".join(lines)
 
 
@@ -651,6 +938,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             child.close()
     if "tracing" in args.wanted or "everything" in args.wanted:
         report["span_check"] = check_same_spans()
+    if "everything" in args.wanted:
+        report["everything_check"] = check_everything()
+        if not report["everything_check"]["fair"]:
+            print(json.dumps(report["everything_check"], indent=2), file=sys.stderr)
+            raise SystemExit(
+                "an everything-on reference does not record what polydatum records "
+                "(see the check above): the comparison would not be fair"
+            )
     for name in ("tracing", "everything"):
         if name in args.wanted:
             log(f"{name} ...")

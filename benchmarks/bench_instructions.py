@@ -17,6 +17,14 @@ a ``SimpleSpanProcessor`` into an exporter that drops them (the batch processor'
 thread wakes on timers, which makes counts vary between runs); the per-span work is
 the same for every contender either way.
 
+The everything condition compares polydatum A, and polydatum A with
+``step_metrics=False``, with the hand-written references that record the same spans,
+metric samples and log line (target 1.05x); before counting, ``bench_core``'s
+``check_everything`` runs in this process and stops the run if a pair records
+different telemetry (its result is in the report). The old reference (six spans and a
+3-field line, no metrics) is still counted, for information. ``per_request_of``
+is the n/3n helper for any program (``bench_scaling.py`` uses it too).
+
     .venv/bin/python benchmarks/bench_instructions.py            # ~4 min on 2 cores
     .venv/bin/python benchmarks/bench_instructions.py --json
     .venv/bin/python benchmarks/bench_instructions.py --requests 50 --no-legacy   # quick
@@ -44,20 +52,32 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 WARMUP = 200
 
+sys.path.insert(0, str(HERE))
+from _workloads import (  # noqa: E402
+    REFERENCE_EVERYTHING,
+    REFERENCE_OLD,
+    REFERENCE_SPANS,
+    REFERENCE_STEPS_OFF,
+    STEPS_OFF,
+)
+
+#: The hand-written contenders (built by ``bench_core.reference_request``).
+REFERENCES = (REFERENCE_SPANS, REFERENCE_EVERYTHING, REFERENCE_STEPS_OFF, REFERENCE_OLD)
+
 #: (condition, subject, reference, target): the comparisons bench_core.py makes.
 COMPARISONS: tuple[tuple[str, str, str, float], ...] = (
     ("idle", "polydatum A", "polydatum 0.9.1 A", 0.6),
     ("idle", "polydatum B", "polydatum 0.9.1 B", 0.6),
-    ("tracing", "polydatum A", "hand-written A (6 spans)", 1.0),
-    ("everything", "polydatum A", "hand-written A (6 spans + 1 INFO line)", 1.3),
-    # For information (no target: an option off by default), as in bench_core.py.
-    (
-        "everything",
-        "polydatum A, step_metrics=False",
-        "hand-written A (6 spans + 1 INFO line)",
-        1.3,
-    ),
+    ("tracing", "polydatum A", REFERENCE_SPANS, 1.0),
+    # Everything on against the same spans, metric samples and log line by hand.
+    ("everything", "polydatum A", REFERENCE_EVERYTHING, 1.05),
+    ("everything", STEPS_OFF, REFERENCE_STEPS_OFF, 1.05),
+    # For information: the old reference (no metrics, a 3-field line), old target 1.3.
+    ("everything", "polydatum A", REFERENCE_OLD, 1.3),
+    ("everything", STEPS_OFF, REFERENCE_OLD, 1.3),
 )
+#: References whose comparisons are reported for information only (no verdict).
+INFORMATIONAL = frozenset({REFERENCE_OLD})
 
 #: The child program for polydatum 0.9.1 (run with ``python -I`` in its virtualenv).
 LEGACY_CHILD = """
@@ -81,7 +101,6 @@ def child(condition: str, contender: str, requests: int) -> None:
     """Run ``requests`` requests of one contender (after the warm-up); the measured process."""
     sys.path.insert(0, str(HERE))
     import bench_core
-    import structlog
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
     from opentelemetry.sdk.trace import TracerProvider
@@ -90,7 +109,7 @@ def child(condition: str, contender: str, requests: int) -> None:
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(bench_core.DropExporter()))
     options: dict[str, Any] = {}
-    logger = None
+    meter_provider = None
     if condition == "idle":
         bench_core.structlog_quiet()
     elif condition == "tracing":
@@ -98,13 +117,13 @@ def child(condition: str, contender: str, requests: int) -> None:
         options["tracer_provider"] = provider
     else:
         bench_core.structlog_json_info()
-        logger = structlog.get_logger("app")
+        meter_provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
         options["tracer_provider"] = provider
-        options["meter_provider"] = MeterProvider(metric_readers=[InMemoryMetricReader()])
+        options["meter_provider"] = meter_provider
     run: Callable[[], Any]
-    if contender.startswith("hand-written"):
-        run = bench_core.handwritten_a(provider.get_tracer("bench"), logger)
-    elif contender == bench_core.STEPS_OFF:
+    if contender in REFERENCES:
+        run = bench_core.reference_request(contender, provider, meter_provider)
+    elif contender == STEPS_OFF:
         _, run = bench_core.polydatum_request("A", step_metrics=False, **options)
     else:
         _, run = bench_core.polydatum_request(contender.split()[-1], **options)
@@ -129,6 +148,12 @@ def count(command: Sequence[str]) -> int:
     if done.returncode != 0 or found is None:
         raise SystemExit(f"callgrind run failed ({' '.join(command)}):\n{done.stderr[-2000:]}")
     return int(found.group(1))
+
+
+def in_parallel(function: Callable[[Any], float], jobs: Sequence[Any]) -> list[float]:
+    """``function`` of every job, one callgrind run per core at a time."""
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return list(pool.map(function, jobs))
 
 
 def command_for(
@@ -207,17 +232,27 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     comparisons = [
         c for c in COMPARISONS if c[0] in wanted and (legacy_python or "0.9.1" not in c[2])
     ]
+    check = None
+    if "everything" in wanted:  # first, in this process: what each pair records
+        import bench_core
+
+        check = bench_core.check_everything()
+        if not check["fair"]:
+            print(json.dumps(check, indent=2), file=sys.stderr)
+            raise SystemExit("an everything-on reference does not record what polydatum does")
     jobs = sorted({(c[0], who) for c in comparisons for who in (c[1], c[2])})
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        counts = dict(
-            zip(
-                jobs,
-                pool.map(lambda j: per_request(j[0], j[1], args.requests, legacy_python), jobs),
-                strict=True,
-            )
+    counts = dict(
+        zip(
+            jobs,
+            in_parallel(lambda j: per_request(j[0], j[1], args.requests, legacy_python), jobs),
+            strict=True,
         )
+    )
     ratios = {
-        (condition, subject): round(counts[condition, subject] / counts[condition, reference], 3)
+        # keyed by the pair: one subject can be compared with several references
+        (condition, subject, reference): round(
+            counts[condition, subject] / counts[condition, reference], 3
+        )
         for condition, subject, reference, _ in comparisons
     }
     report = {
@@ -229,29 +264,40 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
                 "condition": condition,
                 "subject": subject,
                 "reference": reference,
-                "ratio": ratios[condition, subject],
+                "ratio": ratios[condition, subject, reference],
                 "target": target,
-                "met": ratios[condition, subject] <= target,  # the ratio as reported
-                "informational": "step_metrics=False" in subject,
+                "met": ratios[condition, subject, reference] <= target,  # the ratio as reported
+                "informational": reference in INFORMATIONAL,
             }
             for condition, subject, reference, target in comparisons
         ],
     }
+    if check is not None:
+        report["everything_check"] = check
     if args.json:
         print(json.dumps(report, indent=2))
     else:
         print(f"instructions per request (valgrind callgrind, n={args.requests})\n")
-        for name, value in report["instructions_per_request"].items():
-            print(f"  {name:<55} {value:>12,}")
+        names = report["instructions_per_request"]
+        width = max(len(name) for name in names)
+        for name, value in names.items():
+            print(f"  {name:<{width}} {value:>12,}")
         print()
-        for c in report["comparisons"]:
+        pairs = [f"{c['subject']} / {c['reference']}" for c in report["comparisons"]]
+        width = max(len(pair) for pair in pairs)
+        for pair, c in zip(pairs, report["comparisons"], strict=True):
             verdict = "met" if c["met"] else "MISSED"
             if c["informational"]:
                 verdict = f"(for information: {verdict.lower()})"
             print(
-                f"  {c['condition']:<11} {c['subject']} / {c['reference']:<40} "
+                f"  {c['condition']:<11} {pair:<{width}} "
                 f"{c['ratio']:>6.3f}  <= {c['target']}  {verdict}"
             )
+        if check is not None:
+            import bench_core
+
+            print()
+            print(bench_core.render_everything_check(check))
     return report
 
 

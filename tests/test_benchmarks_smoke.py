@@ -18,6 +18,22 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "bench_core.py"
 
+EVERYTHING = "hand-written A (6 spans + 6 metric samples + canonical INFO line)"
+STEPS_OFF = "polydatum A, step_metrics=False"
+EVERYTHING_STEPS_OFF = (
+    "hand-written A, step_metrics=False (6 spans + 2 metric samples + canonical INFO line)"
+)
+OLD_REFERENCE = "hand-written A (6 spans + 1 INFO line, no metrics: old reference)"
+ASPECTS = ["spans", "instruments", "metric_points", "active_during_request", "log_lines"]
+INSTRUMENTS = [
+    "polydatum.resource.teardown.errors",
+    "polydatum.context.duration",
+    "polydatum.middleware.duration",
+    "polydatum.resource.duration",
+    "polydatum.service.duration",
+    "polydatum.context.active",
+]
+
 SIX_SPANS = [
     ["polydatum.context", None],
     ["polydatum.middleware.setup request_id_middleware", "polydatum.context"],
@@ -26,6 +42,31 @@ SIX_SPANS = [
     ["polydatum.resource.teardown db", "polydatum.context"],
     ["users.get", "polydatum.context"],
 ]
+
+
+def assert_everything_check(check: dict[str, Any]) -> None:
+    """Each everything-on reference records what polydatum records (bench_core's check)."""
+    assert check["fair"] is True
+    assert check["requests"] == 3
+    for label, reference, histograms in (
+        ("step_metrics=True", EVERYTHING, 6),
+        ("step_metrics=False", EVERYTHING_STEPS_OFF, 2),
+    ):
+        pair = check[label]
+        assert pair["reference"] == reference
+        assert pair["same"] == dict.fromkeys(ASPECTS, True)
+        ours, theirs = pair["polydatum"], pair["handwritten"]
+        assert all(ours[aspect] == theirs[aspect] for aspect in ASPECTS)
+        assert sorted({(s[0], s[1]) for s in ours["spans"]}) == sorted(map(tuple, SIX_SPANS))
+        assert len(ours["spans"]) == 18
+        assert [i[1] for i in ours["instruments"]] == INSTRUMENTS
+        samples = sum(
+            p["count"] for m in ours["metric_points"] for p in m["points"] if "count" in p
+        )
+        assert samples == 3 * histograms
+        assert ours["active_during_request"] == [[1], [1], [1]]
+        assert [line["event"] for line in ours["log_lines"]] == ["polydatum.context"] * 3
+        assert {line["ids"] for line in ours["log_lines"]} == {"a context span of this run"}
 
 
 def json_report(script: Path, *options: str, timeout: float) -> Any:
@@ -70,17 +111,18 @@ def test_quick_run_reports_every_condition() -> None:
     assert [
         (c["subject"], c["reference"], c["target"]) for c in conditions["tracing"]["comparisons"]
     ] == [("polydatum A", "hand-written A (6 spans)", 1.0)]
+    everything = conditions["everything"]
+    assert list(everything["contenders"]) == [
+        "polydatum A", EVERYTHING, STEPS_OFF, EVERYTHING_STEPS_OFF, OLD_REFERENCE
+    ]  # fmt: skip
     assert [
         (c["subject"], c["reference"], c["target"], c["informational"])
-        for c in conditions["everything"]["comparisons"]
+        for c in everything["comparisons"]
     ] == [
-        ("polydatum A", "hand-written A (6 spans + 1 INFO line)", 1.3, False),
-        (
-            "polydatum A, step_metrics=False",
-            "hand-written A (6 spans + 1 INFO line)",
-            1.3,
-            True,
-        ),
+        ("polydatum A", EVERYTHING, 1.05, False),
+        (STEPS_OFF, EVERYTHING_STEPS_OFF, 1.05, False),
+        ("polydatum A", OLD_REFERENCE, 1.3, True),
+        (STEPS_OFF, OLD_REFERENCE, 1.3, True),
     ]
 
     for condition in report["conditions"]:
@@ -100,6 +142,7 @@ def test_quick_run_reports_every_condition() -> None:
 
     # The hand-written reference records exactly polydatum's span tree for shape A.
     assert report["span_check"] == {"polydatum": SIX_SPANS, "handwritten": SIX_SPANS, "same": True}
+    assert_everything_check(report["everything_check"])
 
     # Memory: correctness, not speed -- no context object outlives its context.
     assert [m["condition"] for m in report["memory"]] == ["idle", "everything"]
@@ -137,3 +180,18 @@ def test_instruction_counts_report_ratios() -> None:
     )
     assert comparison["reference"] == "hand-written A (6 spans)"
     assert comparison["met"] == (comparison["ratio"] <= 1.0)
+
+
+def test_instruction_children_run_every_everything_contender() -> None:
+    """Each everything-on contender of ``bench_instructions.py`` runs as its child
+    (natively, without valgrind: seconds; the callgrind path is the test above)."""
+    for contender in ("polydatum A", STEPS_OFF, EVERYTHING, EVERYTHING_STEPS_OFF, OLD_REFERENCE):
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / "bench_instructions.py"),
+             "--child", "everything", contender, "2"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+        )  # fmt: skip
+        assert result.returncode == 0, (contender, result.stderr)
