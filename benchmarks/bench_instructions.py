@@ -127,10 +127,17 @@ def child(condition: str, contender: str, requests: int) -> None:
         _, run = bench_core.polydatum_request("A", step_metrics=False, **options)
     else:
         _, run = bench_core.polydatum_request(contender.split()[-1], **options)
-    for _ in range(WARMUP):
+    run_measured(run, requests)
+
+
+def run_measured(run: Callable[[], Any], requests: int, warmup: int = WARMUP) -> None:
+    """What a counted child process does: ``warmup`` requests, the heap frozen (a full
+    collection must not walk the imported modules' objects), then ``requests`` requests.
+    (The 0.9.1 child, ``LEGACY_CHILD``, runs the same loop in its own interpreter.)"""
+    for _ in range(warmup):
         run()
     gc.collect()
-    gc.freeze()  # a full collection must not walk the imported modules' objects
+    gc.freeze()
     for _ in range(requests):
         run()
 

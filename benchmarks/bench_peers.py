@@ -37,10 +37,8 @@ from __future__ import annotations
 
 import argparse
 import dis
-import gc
 import importlib.metadata
 import json
-import os
 import platform
 import shutil
 import statistics
@@ -48,7 +46,6 @@ import sys
 import sysconfig
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import CodeType, FrameType
 from typing import Any
@@ -87,12 +84,7 @@ def versions() -> dict[str, str | None]:
 def child(contender: str, requests: int) -> None:
     """The measured process: warm-up, frozen heap, ``requests`` requests, then the tally."""
     run = workloads.build(contender).run
-    for _ in range(WARMUP):
-        run()
-    gc.collect()
-    gc.freeze()  # a full collection must not walk the imported modules' objects
-    for _ in range(requests):
-        run()
+    bench_instructions.run_measured(run, requests)
     expected = WARMUP + requests
     tally = workloads.TALLY
     if not tally.created == tally.torn_down == expected:
@@ -113,8 +105,7 @@ def instructions(contenders: Sequence[str], requests: int) -> dict[str, float]:
     def one(contender: str) -> float:
         return bench_instructions.per_request_of(child_command(contender), requests)
 
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        return dict(zip(contenders, pool.map(one, contenders), strict=True))
+    return dict(zip(contenders, bench_instructions.in_parallel(one, contenders), strict=True))
 
 
 # ------------------------------------------------------------------------------ timing

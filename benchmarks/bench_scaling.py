@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import os
 import platform
@@ -163,12 +162,7 @@ def child(mode: str, middleware: int, resources: int, calls: int, n: int, warmup
     run = build(middleware, resources, calls, **options)
     if run() != expected(resources):
         raise SystemExit("the scaling workload returned something unexpected")
-    for _ in range(warmup):
-        run()
-    gc.collect()
-    gc.freeze()  # as bench_instructions: no full collection walking the imports
-    for _ in range(n):
-        run()
+    bench_instructions.run_measured(run, n, warmup)
 
 
 def shape(axis: str, size: int) -> tuple[int, int, int]:

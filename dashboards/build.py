@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,7 @@ KINDS = ("context", "middleware", "resource", "service")
 # ------------------------------------------------------------------------ sources
 
 
-class Source:
+class Source(ABC):
     """Where a dashboard's numbers come from: the series behind each kind of step.
 
     ``series(kind, "bucket" | "count", phase=..., errors=...)`` is the selector of a
@@ -111,19 +112,23 @@ class Source:
     #: What "Suppressed teardown errors" counts, for the panels' descriptions.
     teardown_errors_what: str
 
+    @abstractmethod
     def series(
         self, kind: str, suffix: str, *, phase: str | None = None, errors: bool = False
     ) -> str:
-        raise NotImplementedError
+        """See the class docstring."""
 
+    @abstractmethod
     def with_phase(self, kind: str, expr: str) -> str:
-        raise NotImplementedError
+        """See the class docstring."""
 
+    @abstractmethod
     def teardown_errors(self) -> str:
-        raise NotImplementedError
+        """See the class docstring."""
 
+    @abstractmethod
     def active(self) -> str | None:
-        raise NotImplementedError
+        """See the class docstring."""
 
 
 class SdkMetrics(Source):

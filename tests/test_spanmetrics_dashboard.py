@@ -24,7 +24,7 @@ import json
 import re
 import subprocess
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
@@ -32,11 +32,12 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+import test_telemetry as telemetry_app
 import yaml
 from conftest import require_binary
+from test_telemetry import BOOM, Boom, Users, auth, cache, db, timing
 
-from polydatum import DataManager, Service
-from polydatum.context import DataAccessContext
+from polydatum import DataManager
 from polydatum.testing import TelemetryCapture
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -387,45 +388,12 @@ def test_spans_queries_use_only_series_and_labels_the_collector_produces(
 # ------------------------------------------------- 2. the spans polydatum emits
 
 
-class Boom(Exception):
-    pass
-
-
-BOOM = f"{__name__}.Boom"
-
-
-class Profile(Service):
-    def get(self, uid: int) -> str:
-        return f"{self._ctx.db}:{uid}"
-
-    def fail(self) -> None:
-        raise Boom("no such profile")
+class Profile(telemetry_app.Profile):
+    """tests/test_telemetry.py's profile service, plus a call that reads the resource
+    whose teardown fails (a suppressed teardown error for the dashboard to count)."""
 
     def cached(self) -> str:
         return str(self._ctx.cache)
-
-
-class Users(Service):
-    def show(self, uid: int) -> str:
-        assert self._dal is not None
-        return str(self._dal.users.profile.get(uid))
-
-
-def auth(ctx: DataAccessContext) -> Iterator[None]:
-    yield
-
-
-def timing(ctx: DataAccessContext) -> Iterator[None]:
-    yield
-
-
-def db(ctx: DataAccessContext) -> Iterator[str]:
-    yield "db"
-
-
-def cache(ctx: DataAccessContext) -> Iterator[str]:
-    yield "cache"
-    raise ConnectionResetError("cache went away")
 
 
 @dataclass(frozen=True)
