@@ -203,7 +203,8 @@ class DataAccessLayer:
         state = service.__dict__
         state["_dal_path"] = names
         for attr, _ in public_methods(service):
-            if not isinstance(state.get(attr, _ROUTABLE), RoutedMethod | _Routable):
+            current = state.get(attr, _ABSENT)
+            if current is not _ABSENT and not isinstance(current, RoutedMethod):
                 continue  # the application's own instance attribute
             state[attr] = _ServiceMethod(self, (*names, attr))
         for key, sub in (state.get("_services") or {}).items():
@@ -559,11 +560,8 @@ def public_methods(service: Any) -> list[tuple[str, Any]]:
     return found
 
 
-class _Routable:
-    """The mark for "no instance attribute of that name" in :meth:`DataAccessLayer._route`."""
-
-
-_ROUTABLE = _Routable()
+#: "No instance attribute of that name" (:meth:`DataAccessLayer._route`).
+_ABSENT = object()
 
 
 def _unroute(service: Service) -> None:

@@ -331,7 +331,7 @@ def redact_text(text: str) -> str:
     text = truncate(text, MAX_STRING)
     text = strip_url_passwords(text)
     lowered = text.lower()
-    if "ey" in text or any(scheme in lowered for scheme in ("bearer", "basic", "token", "digest")):
+    if "eyJ" in text or any(scheme in lowered for scheme in ("bearer", "basic", "token", "digest")):
         text = _JWT.sub(REDACTED, text)
         text = _AUTH_SCHEME.sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", text)
     return text
