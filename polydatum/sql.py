@@ -145,7 +145,9 @@ SQLite
 Every connection gets ``journal_mode=WAL`` (readers never block the writer),
 ``foreign_keys=ON`` and ``busy_timeout`` (30 s by default: a writer waits for the
 lock instead of failing with ``database is locked``); ``sqlite_pragmas`` in
-``engine_options`` overrides or adds pragmas. polydatum takes over ``BEGIN`` from
+``engine_options`` overrides or adds pragmas. The conversion to WAL is retried within
+``busy_timeout`` (SQLite fails it at once when another process converts the same
+file, as the children of a worker do on their first request). polydatum takes over ``BEGIN`` from
 the sqlite3 driver (whose implicit transactions break SAVEPOINT and make reads run
 outside transactions) and emits it itself; the safe uses ``BEGIN IMMEDIATE`` for its
 writes so that a read-modify-write never fails on a lock upgrade.

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -254,11 +255,54 @@ def _sqlite_pragmas(options: dict[str, Any]) -> dict[str, str | int]:
     return pragmas
 
 
+#: SQLite's result code for "database is locked" (the C API's SQLITE_BUSY); extended
+#: codes (SQLITE_BUSY_RECOVERY...) carry it in their low byte.
+_SQLITE_BUSY = 5
+#: How long a pragma waits for a lock when ``busy_timeout`` is not among the pragmas:
+#: the driver's own default (``sqlite3.connect(timeout=5.0)``).
+_DRIVER_BUSY_TIMEOUT_MS = 5_000
+
+
+def _is_busy(error: BaseException) -> bool:
+    """Whether a driver error is SQLITE_BUSY ("database is locked")."""
+    code = getattr(error, "sqlite_errorcode", None)
+    if code is not None:
+        return bool(code & 0xFF == _SQLITE_BUSY)
+    return "database is locked" in str(error)
+
+
+def _execute_pragma(cursor: Any, statement: str, deadline: float) -> None:
+    """Run a pragma, retrying while the database is locked, until ``deadline``.
+
+    ``PRAGMA journal_mode = WAL`` needs an exclusive lock for the conversion and, unlike
+    statements, fails at once with "database is locked" instead of calling the busy
+    handler: two processes opening a fresh database file at the same moment (two
+    Celery or gunicorn children) would fail their first request. It is retried for as
+    long as ``busy_timeout`` would have waited.
+    """
+    pause = 0.001
+    while True:
+        try:
+            cursor.execute(statement)
+            return
+        except Exception as error:
+            if not _is_busy(error) or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
+
+
 def _install_sqlite_hooks(sync_engine: Engine, pragmas: Mapping[str, str | int]) -> None:
-    statements = [f"PRAGMA {name} = {value}" for name, value in pragmas.items()]
     for value in pragmas.values():
         if not str(value).replace("_", "").replace("-", "").isalnum():
             raise ValueError(f"not a SQLite pragma value: {value!r}")
+    # busy_timeout first: the pragmas after it (and every statement) wait for locks.
+    ordered = sorted(pragmas.items(), key=lambda item: item[0] != "busy_timeout")
+    statements = [f"PRAGMA {name} = {value}" for name, value in ordered]
+    busy_timeout = str(pragmas.get("busy_timeout", _DRIVER_BUSY_TIMEOUT_MS))
+    if not busy_timeout.isdigit():
+        raise ValueError(f"the busy_timeout pragma is in milliseconds, not {busy_timeout!r}")
+    wait = int(busy_timeout) / 1000
 
     @event.listens_for(sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, connection_record: Any) -> None:
@@ -267,8 +311,9 @@ def _install_sqlite_hooks(sync_engine: Engine, pragmas: Mapping[str, str | int])
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         try:
+            deadline = time.monotonic() + wait
             for statement in statements:
-                cursor.execute(statement)
+                _execute_pragma(cursor, statement, deadline)
         finally:
             cursor.close()
 

@@ -25,7 +25,7 @@ import random
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -77,11 +77,20 @@ def read_notes(url: str) -> dict[str, int]:
         engine.dispose()
 
 
-def final_state(result: Any, deadline: float) -> tuple[str, type[BaseException] | None]:
-    """The task's final state and (for FAILURE) its error's type, waiting until it has one."""
+class Outcome(NamedTuple):
+    """A task's final state and, for FAILURE, its error's type and text."""
+
+    state: str
+    error: type[BaseException] | None
+    text: str
+
+
+def final_state(result: Any, deadline: float) -> Outcome:
+    """The task's final outcome, waiting until it has one."""
     result.get(timeout=max(1.0, deadline - time.monotonic()), propagate=False)
-    error = type(result.result) if result.state == "FAILURE" else None
-    return result.state, error
+    if result.state != "FAILURE":
+        return Outcome(result.state, None, "")
+    return Outcome(result.state, type(result.result), f"{result.result!r:.300}")
 
 
 @pytest.mark.parametrize("flavour", ["sync", "async"])
@@ -114,8 +123,8 @@ def test_a_task_acknowledged_as_succeeded_has_its_effects_and_a_failed_one_none(
 
     succeeded = {  # key: the attempt that must have written its note
         k: 1 if f == "retry" else 0
-        for k, f, (state, _) in zip(keys, faults, outcomes, strict=True)
-        if state == "SUCCESS"
+        for k, f, outcome in zip(keys, faults, outcomes, strict=True)
+        if outcome.state == "SUCCESS"
     }
     mismatches = [
         f"{k}: final state SUCCESS, but the database has no note"
@@ -123,9 +132,9 @@ def test_a_task_acknowledged_as_succeeded_has_its_effects_and_a_failed_one_none(
         if k not in notes
     ]
     mismatches += [
-        f"{k}: final state {state}, but its note is in the database"
-        for k, (state, _) in zip(keys, outcomes, strict=True)
-        if state != "SUCCESS" and k in notes
+        f"{k}: final state {outcome.state}, but its note is in the database"
+        for k, outcome in zip(keys, outcomes, strict=True)
+        if outcome.state != "SUCCESS" and k in notes
     ]
     mismatches += [
         f"{k}: the note was written by attempt {notes[k]}, the task succeeded at {attempt}"
@@ -134,10 +143,10 @@ def test_a_task_acknowledged_as_succeeded_has_its_effects_and_a_failed_one_none(
     ]
     mismatches += [f"{k}: a note no task wrote" for k in notes if k not in keys]
     wrong_outcomes = [
-        f"{k}: {state} {error.__name__ if error else ''} (expected {expected[0]} "
+        f"{k}: {outcome.state} {outcome.text} (expected {expected[0]} "
         f"{expected[1].__name__ if expected[1] else ''})"
-        for k, f, (state, error) in zip(keys, faults, outcomes, strict=True)
-        if (state, error) != (expected := EXPECTED[f])
+        for k, f, outcome in zip(keys, faults, outcomes, strict=True)
+        if (outcome.state, outcome.error) != (expected := EXPECTED[f])
     ]
     summary = (
         f"seed={seed} backend={backend.name} flavour={flavour} tasks={TASKS} "

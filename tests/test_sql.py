@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import re
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -30,6 +31,7 @@ from polydatum.sql import (
     asavepoint,
     async_transaction_middleware,
     configure_sql,
+    create_sql_engine,
     database_url,
     savepoint,
     transaction_middleware,
@@ -318,6 +320,63 @@ def test_sqlite_connection_settings(tmp_path: Any) -> None:
         custom.dispose()
     finally:
         resource.dispose()
+
+
+def _first_write_of_a_process(directory: str, rounds: int, barrier: Any, worker: int) -> str:
+    """One of several processes: per round, at the same instant as the others, open a
+    fresh database file with polydatum's engine and write. What failed, or ''."""
+    failures = []
+    for round_ in range(rounds):
+        engine = create_sql_engine(f"sqlite:///{directory}/r{round_}.db")
+        barrier.wait(timeout=60)
+        try:
+            with engine.begin() as conn:
+                conn.execute(text("INSERT INTO notes (key) VALUES (:key)"), {"key": worker})
+        except Exception as error:
+            failures.append(f"round {round_}: {type(error).__name__}: {error}".splitlines()[0])
+        finally:
+            engine.dispose()
+    return "\n".join(failures)
+
+
+def test_processes_opening_a_fresh_database_at_once_all_write(tmp_path: Path) -> None:
+    """``PRAGMA journal_mode = WAL`` fails at once (no busy handler) while another
+    connection converts the file: the first request of every Celery/gunicorn child
+    but one would fail with "database is locked". polydatum retries it within
+    ``busy_timeout``."""
+    rounds, processes = 15, 4
+    for round_ in range(rounds):  # fresh files in the rollback-journal mode, as sqlite3 makes them
+        engine = create_engine(f"sqlite:///{tmp_path}/r{round_}.db")
+        with engine.begin() as conn:
+            conn.execute(text("CREATE TABLE notes (key INTEGER PRIMARY KEY)"))
+        engine.dispose()
+    spawn = multiprocessing.get_context("spawn")
+    barrier = spawn.Manager().Barrier(processes)
+    with spawn.Pool(processes) as pool:
+        failures = pool.starmap(
+            _first_write_of_a_process,
+            [(str(tmp_path), rounds, barrier, worker) for worker in range(processes)],
+        )
+    assert failures == [""] * processes
+    for round_ in range(rounds):
+        engine = create_engine(f"sqlite:///{tmp_path}/r{round_}.db")
+        with engine.connect() as conn:
+            assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+            assert conn.execute(text("SELECT key FROM notes ORDER BY key")).scalars().all() == [
+                0,
+                1,
+                2,
+                3,
+            ]
+        engine.dispose()
+
+
+def test_a_busy_timeout_pragma_is_milliseconds() -> None:
+    message = "^the busy_timeout pragma is in milliseconds, not 'soon'$"
+    with pytest.raises(ValueError, match=message):
+        create_sql_engine(
+            "sqlite:///:memory:", engine_options={"sqlite_pragmas": {"busy_timeout": "soon"}}
+        )
 
 
 def test_foreign_keys_enforced(backend: Backend) -> None:
