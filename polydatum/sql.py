@@ -946,8 +946,11 @@ def configure_sql(
     for trusted data only). ``transaction=True`` also registers
     :func:`transaction_middleware` (sync) or :func:`async_transaction_middleware`.
     ``trace_statements=True`` traces the statements of both engines with
-    ``opentelemetry-instrumentation-sqlalchemy`` (:func:`trace_sql_statements`), for
-    ``dm``'s own tracer and meter providers, else the global ones;
+    ``opentelemetry-instrumentation-sqlalchemy`` (:func:`trace_sql_statements`); the
+    statement spans go where ``dm``'s spans go at the time (its own provider, else the
+    one given to ``PolydatumInstrumentor().instrument()``, else the global one; none
+    after ``uninstrument()``), the connection metric to ``dm``'s meter provider, else
+    the instrumentor's, else the global one;
     ``SQLBackend.statement_tracing`` says whether that happened for ``db``, and why
     not. Off by default: contrib's tracer does its work for every statement even when
     nothing records (and ``opentelemetry-instrument`` traces every engine anyway, with
@@ -978,8 +981,8 @@ def configure_sql(
     tracing: StatementTracing | None = None
     if trace_statements:
         providers = {
-            "tracer_provider": dm.telemetry.tracer_provider,
-            "meter_provider": dm.telemetry.meter_provider,
+            "tracer_provider": dm.telemetry.following_tracer_provider(),
+            "meter_provider": dm.telemetry.current_meter_provider(),
         }
         tracing = trace_sql_statements(db.engine, **providers)
         if safe is not None:

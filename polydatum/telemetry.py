@@ -27,7 +27,7 @@ import threading
 import time
 import traceback
 import weakref
-from collections.abc import Iterable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -72,6 +72,7 @@ __all__ = [
     "DURATION_BUCKETS",
     "SCHEMA_URL",
     "ContextTelemetry",
+    "FollowingTracerProvider",
     "Telemetry",
     "configure_logging",
     "current_span",
@@ -733,6 +734,54 @@ class _Plan:
             self.metric_attrs = {f"polydatum.{kind}.name": name, "polydatum.phase": phase}
 
 
+class FollowingTracerProvider(trace.TracerProvider):
+    """A tracer provider whose tracers record to the provider ``current()`` returns when
+    each span starts (``None``: no span), rather than to one fixed when the tracer was
+    made. An instrumentation configured once at startup (a SQLAlchemy engine tracer)
+    then follows a DataManager's providers as they change."""
+
+    def __init__(self, current: Callable[[], Any]) -> None:
+        self._current = current
+
+    def get_tracer(
+        self,
+        instrumenting_module_name: str,
+        instrumenting_library_version: str | None = None,
+        schema_url: str | None = None,
+        attributes: Any = None,
+    ) -> trace.Tracer:
+        scope = (instrumenting_module_name, instrumenting_library_version, schema_url, attributes)
+        return _FollowingTracer(self._current, scope)
+
+
+class _FollowingTracer(trace.Tracer):
+    """:class:`FollowingTracerProvider`'s tracer: each span from the current provider's
+    tracer of the same instrumentation scope (made once per provider)."""
+
+    def __init__(self, current: Callable[[], Any], scope: tuple[Any, ...]) -> None:
+        self._current = current
+        self._scope = scope
+        self._made_for: tuple[Any, trace.Tracer] | None = None
+
+    def _tracer_now(self) -> trace.Tracer:
+        provider = self._current()
+        if provider is None:
+            return _NO_OP_TRACER
+        made = self._made_for
+        if made is None or made[0] is not provider:
+            made = self._made_for = (provider, provider.get_tracer(*self._scope))
+        return made[1]
+
+    def start_span(self, *args: Any, **kwargs: Any) -> trace.Span:
+        return self._tracer_now().start_span(*args, **kwargs)
+
+    def start_as_current_span(self, *args: Any, **kwargs: Any) -> Any:
+        return self._tracer_now().start_as_current_span(*args, **kwargs)
+
+
+_NO_OP_TRACER = trace.NoOpTracer()
+
+
 class Telemetry:
     """Where one DataManager's telemetry goes, and whether anything records right now.
 
@@ -783,14 +832,37 @@ class Telemetry:
         qualified name; it is part of the key since re-registration may change it)."""
         return self.plan("service", function, path, 0, {"code.function.name": function})
 
-    def tracer(self) -> Any:
-        """The tracer to use now, or ``None`` when tracing would record nothing."""
+    def current_tracer_provider(self) -> Any:
+        """The tracer provider this DataManager's spans go to now: its own, else the one
+        given to :func:`enable` (``PolydatumInstrumentor().instrument(tracer_provider=)``),
+        else the global one; ``None`` when no span would record (after :func:`disable`, no
+        global provider, a no-op provider)."""
         provider = self.tracer_provider or _DEFAULT_TRACER_PROVIDER
         if provider is None:
             if not _ENABLED or not _global_tracer_provider_set():
                 return None  # disable()d, or no global provider
             provider = trace.get_tracer_provider()
         if isinstance(provider, trace.NoOpTracerProvider):
+            return None
+        return provider
+
+    def current_meter_provider(self) -> Any:
+        """The meter provider this DataManager's instruments are made on now: its own,
+        else the one given to :func:`enable`; ``None`` means the global one."""
+        return self.meter_provider or _DEFAULT_METER_PROVIDER
+
+    def following_tracer_provider(self) -> FollowingTracerProvider:
+        """A tracer provider for another instrumentation's spans inside this
+        DataManager's contexts (the SQL statements of ``configure_sql(...,
+        trace_statements=True)``): at every span it asks :meth:`current_tracer_provider`,
+        so those spans go where polydatum's go, also when ``instrument()`` or
+        ``uninstrument()`` runs after the configuration."""
+        return FollowingTracerProvider(self.current_tracer_provider)
+
+    def tracer(self) -> Any:
+        """The tracer to use now, or ``None`` when tracing would record nothing."""
+        provider = self.current_tracer_provider()
+        if provider is None:
             return None
         if provider is not self._tracer_for:
             self._tracer = provider.get_tracer(

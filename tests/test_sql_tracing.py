@@ -268,6 +268,45 @@ def test_statement_spans_appear_with_the_installed_sqlalchemy(backend: Backend) 
         assert sum(p.value for p in usage if p.attributes["state"] == "used") == 0  # returned
 
 
+def test_statement_spans_follow_the_providers_polydatum_records_to(backend: Backend) -> None:
+    """A DataManager without providers of its own records to those given to
+    ``PolydatumInstrumentor().instrument(tracer_provider=...)`` (``telemetry.enable``),
+    also when that runs after ``configure_sql``: the statement spans go there too, under
+    the service call, and stop with polydatum's after ``uninstrument()``."""
+    from polydatum import DataManager
+    from polydatum import telemetry as polydatum_telemetry
+
+    with TelemetryCapture() as cap:
+        dm = DataManager()  # no providers of its own; no global provider in the tests
+        sql = backend.track(configure_sql(dm, backend.url, safe_name=None, trace_statements=True))
+        dm.register_services(items=Items())
+        with sql.db.engine.connect():
+            pass  # the dialect's first-connect queries
+        try:
+            with dm.dal() as dal:
+                dal.items.create()  # before instrument(): polydatum records nothing
+            assert cap.finished_spans() == []
+            polydatum_telemetry.enable(cap.tracer_provider, cap.meter_provider)
+            with dm.dal() as dal:
+                dal.items.add_many([{"id": 1, "name": "one"}])
+            spans = cap.finished_spans()
+            calls = {s.context.span_id: s.name for s in spans}
+            statements = [s for s in spans if s.kind.name == "CLIENT"]
+            assert [(s.name, calls[s.parent.span_id]) for s in statements if s.parent] == [
+                (statement_name(backend, "INSERT"), "items.add_many")
+            ]
+            assert statements[0].instrumentation_scope.name == (
+                "opentelemetry.instrumentation.sqlalchemy"
+            )
+            cap.clear()
+            polydatum_telemetry.disable()
+            with dm.dal() as dal:
+                dal.items.add_many([{"id": 2, "name": "two"}])
+            assert cap.finished_spans() == []
+        finally:
+            polydatum_telemetry.enable()
+
+
 def test_a_ping_statement_nests_under_the_ping_span(backend: Backend) -> None:
     """``dm.ping()``'s ``SELECT 1`` is a CLIENT span under its INTERNAL ping span (the
     ping span is current while the ping runs), not a trace of its own."""
