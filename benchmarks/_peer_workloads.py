@@ -14,7 +14,9 @@ REQUEST-scoped service class depending on it), wireup (a sync container's scope,
 scoped generator factory and a scoped service class), svcs (a ``Registry`` with a
 generator factory and a service factory that takes the container, one
 ``svcs.Container`` per request), polydatum without context middleware, and polydatum
-with one trivial generator middleware.
+with one trivial generator middleware. One more, ``STRAIGHT_LINE``, is no library: what
+a polydatum lifecycle generated for this one registration would cost (see
+:func:`straight_line`), the estimate the benchmarks README gives for closing the gap.
 
 Each DI container builds the service per request with the session injected into its
 constructor (what their documentation shows for a service that needs a request
@@ -35,14 +37,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 #: The contenders, in report order; ``PEERS`` are the libraries compared with polydatum.
 FLOOR = "hand-written floor"
 POLYDATUM = "polydatum"
 POLYDATUM_MW = "polydatum + 1 middleware"
+STRAIGHT_LINE = "straight-line estimate"
 PEERS = ("dishka", "wireup", "svcs")
-CONTENDERS = (FLOOR, *PEERS, POLYDATUM, POLYDATUM_MW)
+CONTENDERS = (FLOOR, *PEERS, POLYDATUM, POLYDATUM_MW, STRAIGHT_LINE)
 
 #: What one request returns.
 EXPECTED = "ada"
@@ -235,6 +238,135 @@ def polydatum(middleware: bool) -> Workload:
     return Workload(POLYDATUM_MW if middleware else POLYDATUM, run, empty_scope, dm)
 
 
+def straight_line() -> Workload:
+    """polydatum's idle bookkeeping for this one registration (no middleware, the one
+    resource ``db``, the one service method), written out straight: what a lifecycle
+    generated per DataManager configuration would run. Not a product: an estimate.
+
+    It keeps what the driver does in an idle request -- the context object with its
+    DataManager, DAL and read-only Meta; the lifecycle states (polydatum's own
+    ``State`` members); the open-context set and the active-context variable (set,
+    then reset with its token); the per-context decision that nothing records
+    (``dm.observers.start``, polydatum's own); the resource created on first use in a
+    ``copy_context()`` of its own (stepped with ``Context.run`` for setup and
+    teardown, its ``FINISHED`` / did-not-yield checks); the service call's
+    active-context check and its guard against a patched class -- and leaves out
+    what a generated lifecycle would decide once: looking the steps up per context,
+    the loops over the middleware and resource stacks, the table-driven transitions.
+    """
+    from contextvars import ContextVar, copy_context
+    from types import GeneratorType
+
+    from polydatum import DataManager
+    from polydatum.lifecycle import State
+    from polydatum.lifecycle.stepping import FINISHED
+    from polydatum.meta import Meta
+
+    active: ContextVar[Any] = ContextVar("straight_line_active", default=None)
+    active_context = active.get
+    open_contexts: set[Any] = set()
+    created, entered, exited = State.CREATED, State.ACTIVE, State.EXITED
+    tearing_down = State.TEARING_DOWN_RESOURCES
+    empty_meta = Meta()
+    dm: DataManager[Any] = DataManager()
+
+    class Context:
+        __slots__ = (
+            "__weakref__",
+            "_token",
+            "dal",
+            "data_manager",
+            "meta",
+            "observer",
+            "resources",
+            "stack",
+            "state",
+        )
+
+        def __init__(self, data_manager: Any, dal: Any) -> None:
+            self.data_manager = data_manager
+            self.dal = dal
+            self.meta = empty_meta
+            self.state = created
+            self.resources: dict[str, Any] = {}
+            self.stack: list[tuple[Any, Any]] = []
+
+        def __enter__(self) -> Any:
+            if self.state is not created:
+                raise RuntimeError("entered twice")
+            self.state = entered
+            open_contexts.add(self)
+            self._token = active.set(self)
+            self.observer = self.data_manager.observers.start(self)
+            return self.dal
+
+        def db(self) -> Any:
+            resources = self.resources
+            if "db" in resources:
+                return resources["db"]
+            gen = polydatum_db(self)
+            if type(gen) is not GeneratorType:
+                raise TypeError("not a generator")
+            cv = copy_context()
+            value = cv.run(next, gen, FINISHED)
+            if value is FINISHED:
+                raise RuntimeError("did not yield")
+            self.stack.append((gen, cv))
+            resources["db"] = value
+            return value
+
+        def __exit__(self, *exc_info: Any) -> Literal[False]:
+            self.state = tearing_down
+            stack = self.stack
+            while stack:
+                gen, cv = stack[-1]
+                if exc_info[1] is None and cv.run(next, gen, FINISHED) is not FINISHED:
+                    raise RuntimeError("yielded twice")
+                stack.pop()
+            self.state = exited
+            open_contexts.discard(self)
+            active.reset(self._token)
+            return False
+
+    class StraightUsers:
+        def get(self, user_id: int) -> str:
+            ctx = active_context()
+            if ctx is None:
+                raise RuntimeError("no active context")
+            return ctx.db()["users"][user_id]  # type: ignore[no-any-return]
+
+    class Method:
+        __slots__ = ("function", "service")
+
+        def __init__(self, service: Any, function: Any) -> None:
+            self.service = service
+            self.function = function
+
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            ctx = active_context()
+            if ctx is None or type(self.service).get is not self.function:
+                raise RuntimeError("no active context, or the class was patched")
+            return self.function(self.service, *args, **kwargs)
+
+    class Dal:
+        def __init__(self) -> None:
+            self.users = StraightUsers()
+            self.users.get = Method(self.users, StraightUsers.get)  # type: ignore[method-assign]
+
+    dal = Dal()
+
+    def run() -> str:
+        with Context(dm, dal) as scope:
+            result: str = scope.users.get(1)
+        return result
+
+    def empty_scope() -> None:
+        with Context(dm, dal):
+            pass
+
+    return Workload(STRAIGHT_LINE, run, empty_scope)
+
+
 BUILDERS: dict[str, Callable[[], Workload]] = {
     FLOOR: floor,
     "dishka": dishka,
@@ -242,6 +374,7 @@ BUILDERS: dict[str, Callable[[], Workload]] = {
     "svcs": svcs,
     POLYDATUM: lambda: polydatum(middleware=False),
     POLYDATUM_MW: lambda: polydatum(middleware=True),
+    STRAIGHT_LINE: straight_line,
 }
 
 

@@ -4,8 +4,11 @@ One request, the same for every contender (``_peer_workloads.py``): open a reque
 scope, lazily create one generator resource with a teardown (a session dict), make one
 service call that reads from it, close the scope (the teardown runs). Contenders: a
 hand-written floor (the generator stepped by hand), dishka, wireup, svcs, polydatum
-without context middleware and polydatum with one trivial generator middleware. All
-idle: no OpenTelemetry SDK configured, structlog unconfigured.
+without context middleware and polydatum with one trivial generator middleware; and the
+straight-line estimate (``_peer_workloads.straight_line``): polydatum's idle bookkeeping
+for this one registration written out straight, what a lifecycle generated per
+DataManager configuration would cost. All idle: no OpenTelemetry SDK configured,
+structlog unconfigured.
 
     .venv/bin/python benchmarks/bench_peers.py               # ~2 min: instructions + timing
     .venv/bin/python benchmarks/bench_peers.py --json        # the same report as JSON

@@ -26,6 +26,7 @@ CONTENDERS = [
     *PEERS,
     "polydatum",
     "polydatum + 1 middleware",
+    "straight-line estimate",
 ]
 
 MISSING = [name for name in ("svcs", "dishka", "wireup") if importlib.util.find_spec(name) is None]
