@@ -157,7 +157,7 @@ def dishka() -> Workload:
 
     def run() -> str:
         with container() as request_container:
-            result = request_container.get(Users).get(1)
+            result: str = request_container.get(Users).get(1)
         return result
 
     def empty_scope() -> None:
@@ -181,7 +181,7 @@ def wireup() -> Workload:
 
     def run() -> str:
         with container.enter_scope() as scope:
-            result = scope.get(Users).get(1)
+            result: str = scope.get(Users).get(1)
         return result
 
     def empty_scope() -> None:
@@ -203,7 +203,7 @@ def svcs() -> Workload:
 
     def run() -> str:
         with svcs.Container(registry) as container:
-            result = container.get(Users).get(1)
+            result: str = container.get(Users).get(1)
         return result
 
     def empty_scope() -> None:

@@ -110,16 +110,16 @@ def build(shape: str, DataManager: Any, Service: Any, **dm_options: Any) -> Any:
     only) passes explicit tracer/meter providers.
     """
 
-    class Users(Service):  # type: ignore[misc, valid-type]
+    class Users(Service):  # type: ignore[misc]
         def get(self, user_id: int) -> Any:
             return self._ctx.db["users"][user_id]
 
-    class Profiles(Service):  # type: ignore[misc, valid-type]
+    class Profiles(Service):  # type: ignore[misc]
         def get(self, user_id: int) -> Any:
             lang = self._ctx.cache[user_id]
             return {"name": self._dal.users.get(user_id), "lang": lang}
 
-    class Orders(Service):  # type: ignore[misc, valid-type]
+    class Orders(Service):  # type: ignore[misc]
         def list(self, user_id: int) -> Any:
             assert self._ctx.db["users"][user_id]
             return self._ctx.blob["orders"][user_id]

@@ -522,7 +522,8 @@ def check_everything(requests: int = 3) -> dict[str, Any]:
 def records(dm: DataManager) -> bool:
     """Whether a context of ``dm`` records telemetry at all (False is the idle path)."""
     with dm.context() as ctx:
-        return ctx._telemetry is not None
+        recording = ctx._telemetry is not None
+    return recording
 
 
 # -------------------------------------------------------------------------- timing

@@ -127,7 +127,7 @@ def bench_backend(name: str, url: str, rounds: int, requests: int) -> dict[str, 
     def through_polydatum(item_id: int) -> str:
         with dm.dal() as dal:
             result: str = dal.items.get(item_id)
-            return result
+        return result
 
     def bare(item_id: int) -> str:
         with Session(engine, expire_on_commit=False) as session, session.begin():
