@@ -136,6 +136,16 @@ its session, and other resource objects (even on the same database) have session
 their own: these can deadlock on rows the enclosing context locked (SQLite: once it
 wrote anything) until ``lock_timeout`` / ``busy_timeout``.
 
+Processes that fork
+-------------------
+A process that used its engines and then forks (gunicorn ``--preload``, a Celery
+prefork master that checked the database at startup, ``multiprocessing``) does not
+hand its pooled connections to the children: every engine polydatum makes (the
+resources' and the safe's) starts each forked child with an empty pool of its own, and
+the parent's connections are neither used nor closed there. An engine created with
+:func:`sqlalchemy.create_engine` by the application needs the same care
+(``engine.dispose(close=False)`` in the child).
+
 The same URL works for both flavours: ``postgresql://`` means psycopg 3 (sync and
 async), ``sqlite:///`` becomes ``sqlite+aiosqlite:///`` for the async resource and
 ``postgresql+asyncpg://`` becomes psycopg for the sync one.

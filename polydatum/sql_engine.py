@@ -14,8 +14,9 @@ What it holds:
   async engine) and :func:`telemetry_attributes_for` (``db.system.name``,
   ``db.namespace``, ``server.address``/``server.port``; never credentials).
 * Engines: :func:`create_sql_engine` and :func:`create_async_sql_engine`, with SQLite's
-  pragmas (:data:`SQLITE_PRAGMAS`) and BEGIN (:data:`SQLITE_BEGIN_OPTION`) and
-  ``pool_pre_ping``.
+  pragmas (:data:`SQLITE_PRAGMAS`) and BEGIN (:data:`SQLITE_BEGIN_OPTION`),
+  ``pool_pre_ping``, and a pool of their own in a forked child.
+* Fork: every engine made here starts a forked child with an empty pool of its own.
 * Statement failures: the engine events those engines carry, which record each
   statement that fails inside a transaction, per savepoint level
   (:class:`StatementFailures`, read with :func:`failures_of`); :mod:`polydatum.sql`
@@ -329,6 +330,28 @@ def _install_sqlite_hooks(sync_engine: Engine, pragmas: Mapping[str, str | int])
             cursor.close()
 
 
+# ------------------------------------------------------------ fork
+#
+# A process that forks after using an engine (gunicorn --preload, a Celery prefork
+# master that checked the database at startup, multiprocessing) hands its pooled
+# connections to every child: the parent and the children then talk over the same
+# sockets, and on PostgreSQL a child fails with a protocol error or reads another
+# process's results. Each engine polydatum makes is given a fresh, empty pool in a
+# forked child, the parent's connections neither used nor closed there (SQLAlchemy's
+# ``dispose(close=False)``; psycopg and the sqlite3 module never close a connection in
+# a process that did not open it).
+
+_ENGINES_TO_RESET_AFTER_FORK: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+def _reset_pools_after_fork() -> None:
+    for engine in list(_ENGINES_TO_RESET_AFTER_FORK):
+        engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_reset_pools_after_fork)
+
+
 def _engine_options(url: URL, engine_options: Mapping[str, Any] | None) -> dict[str, Any]:
     options = dict(engine_options or {})
     if url.get_backend_name() != "sqlite" or (url.database or ":memory:") != ":memory:":
@@ -357,6 +380,7 @@ def create_sql_engine(
         _install_sqlite_hooks(engine, pragmas)
     _install_failure_tracking(engine)
     _note_contrib_tracing(engine)
+    _ENGINES_TO_RESET_AFTER_FORK.add(engine)
     return engine
 
 
@@ -374,6 +398,7 @@ def create_async_sql_engine(
         _install_sqlite_hooks(engine.sync_engine, pragmas)
     _install_failure_tracking(engine.sync_engine)
     _note_contrib_tracing(engine.sync_engine)
+    _ENGINES_TO_RESET_AFTER_FORK.add(engine.sync_engine)
     return engine
 
 
