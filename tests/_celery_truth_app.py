@@ -11,6 +11,7 @@ Imported by the test process (the producer) and by a real worker
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -160,11 +161,16 @@ def from_env() -> Celery:
     """The worker's app (when ``POLYDATUM_CELERY_APP`` names this module); writes
     ``ready`` in ``POLYDATUM_CELERY_DIR`` once it consumes."""
     directory = Path(os.environ["POLYDATUM_CELERY_DIR"])
-    worker_app, _, _ = build(
-        os.environ["POLYDATUM_CELERY_QUEUE"],
-        os.environ["POLYDATUM_CELERY_DB_URL"],
-        os.environ["POLYDATUM_CELERY_FLAVOUR"],
+    flavour = os.environ["POLYDATUM_CELERY_FLAVOUR"]
+    worker_app, dm, _ = build(
+        os.environ["POLYDATUM_CELERY_QUEUE"], os.environ["POLYDATUM_CELERY_DB_URL"], flavour
     )
+    # A startup check in the master, before it forks its children, as applications do:
+    # the children must not inherit the connection it leaves in the pool.
+    pings = asyncio.run(dm.aping()) if flavour == "async" else dm.ping()
+    failed = {name: result for name, result in pings.items() if not result.ok}
+    if failed:
+        raise SystemExit(f"the database check failed: {failed}")
 
     @signals.worker_ready.connect(weak=False)
     def ready(**_: Any) -> None:

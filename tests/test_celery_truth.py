@@ -3,7 +3,9 @@ holds after a real worker ran a few hundred tasks with faults.
 
 A real worker (prefork, two children) on RabbitMQ runs ``truth.run(key, fault)`` (see
 ``tests/_celery_truth_app.py``) on a DataManager made by ``configure_sql``, sync and
-async, on SQLite and on the PostgreSQL server. Each task writes its note, then does
+async, on SQLite and on the PostgreSQL server. The worker's master checks the database
+(``dm.ping()``) before it forks its children, as applications do at startup, so each
+child starts from a parent whose pool holds a connection. Each task writes its note, then does
 what its fault -- chosen at random per task -- says: nothing; a note whose deferred
 foreign key fails at COMMIT; raise; raise an error a middleware suppresses; a failing
 statement whose error the middleware suppresses (an aborted transaction, which
