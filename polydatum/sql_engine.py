@@ -279,7 +279,10 @@ def _execute_pragma(cursor: Any, statement: str, deadline: float) -> None:
     statements, fails at once with "database is locked" instead of calling the busy
     handler: two processes opening a fresh database file at the same moment (two
     Celery or gunicorn children) would fail their first request. It is retried for as
-    long as ``busy_timeout`` would have waited.
+    long as ``busy_timeout`` would have waited. Only a file not yet in WAL mode is
+    converted (the mode is kept in the file), so the pauses happen during that first
+    conversion only; on an async engine they pause the event loop (aiosqlite waits for
+    locks in its own thread), while another process converts the file.
     """
     pause = 0.001
     while True:
