@@ -95,8 +95,10 @@ from __future__ import annotations
 import base64
 import json
 import math
+import os
 import pickle
 import threading
+import weakref
 from collections.abc import Callable, Generator, Iterator, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any, Final, TypeVar
@@ -157,6 +159,19 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+#: Every store of this process, for :func:`_new_locks_after_fork`.
+_STORES: weakref.WeakSet[SafeStore] = weakref.WeakSet()
+
+
+def _new_locks_after_fork() -> None:
+    # The forked child has only the thread that forked: the locks other threads held
+    # are never released there. (Its engine gets a pool of its own: sql_engine.)
+    for store in list(_STORES):
+        store._make_locks()
+
+
+os.register_at_fork(after_in_child=_new_locks_after_fork)
 
 #: Longest key, in characters (keeps the primary-key index entry within PostgreSQL's limit).
 MAX_KEY_LENGTH: Final = 512
@@ -323,15 +338,21 @@ class SafeStore:
         )
         self._build_statements()
         self._ready = False
+        self._make_locks()
+        _STORES.add(self)
+        self._own_telemetry = Telemetry(tracer_provider) if tracer_provider is not None else None
+        self._dm_telemetry: Telemetry | None = None
+        self._global_telemetry = Telemetry()
+
+    def _make_locks(self) -> None:
+        """The store's locks, new (at creation, and in a forked child: a lock another
+        thread of the parent held at the fork would stay held for ever there)."""
         self._ready_lock = threading.Lock()
         # SQLite has one writer at a time: threads of this process queue on a lock
         # instead of polling the database lock (other processes: busy_timeout).
         self._write_lock: AbstractContextManager[Any] = (
             threading.RLock() if self._dialect == "sqlite" else nullcontext()
         )
-        self._own_telemetry = Telemetry(tracer_provider) if tracer_provider is not None else None
-        self._dm_telemetry: Telemetry | None = None
-        self._global_telemetry = Telemetry()
 
     # -- resource protocol ---------------------------------------------------------
 

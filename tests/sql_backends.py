@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Iterator
+import select
+import signal
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,3 +122,45 @@ def worker_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+def in_forked_children(
+    children: int, work: Callable[[int], None], timeout: float = 60.0
+) -> list[str]:
+    """Run ``work(child)`` in ``children`` forked processes at once; what each reported
+    ('' when it succeeded, else its error). A child with no answer after ``timeout``
+    seconds is killed (two processes on one socket can also wait for ever), and so is
+    every child still running if this function fails."""
+    running: dict[int, int] = {}  # pid: the read end of its pipe
+    try:
+        for child in range(children):
+            read_end, write_end = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the child: report, and leave without the parent's cleanup
+                os.close(read_end)
+                try:
+                    work(child)
+                    report = ""
+                except BaseException as error:
+                    report = f"{type(error).__name__}: {error}".splitlines()[0]
+                os.write(write_end, report.encode())
+                os._exit(0)
+            os.close(write_end)
+            running[pid] = read_end
+        reports = []
+        deadline = time.monotonic() + timeout
+        for pid, read_end in list(running.items()):
+            wait = max(0.0, deadline - time.monotonic())
+            if select.select([read_end], [], [], wait)[0]:
+                with os.fdopen(read_end, "rb") as pipe:
+                    reports.append(pipe.read().decode())
+                os.waitpid(pid, 0)
+                del running[pid]
+            else:
+                reports.append(f"no answer within {timeout:.0f} s")
+        return reports
+    finally:
+        for pid, read_end in running.items():
+            os.close(read_end)
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import sql_backends
 from span_faults import RaisingProcessor
-from sql_backends import REPO_ROOT, Backend, checked_out, worker_env
+from sql_backends import REPO_ROOT, Backend, checked_out, in_forked_children, worker_env
 from sqlalchemy import (
     Column,
     Integer,
@@ -94,6 +94,39 @@ def test_dict_api(store: SafeStore) -> None:
     assert safe.setdefault("d", [2]) == [1]
     safe.clear()
     assert len(safe) == 0
+
+
+def test_a_forked_child_writes_although_a_parent_thread_held_the_write_lock(
+    tmp_path: Any,
+) -> None:
+    """A thread of the parent is in the middle of a write (SQLite: it holds the store's
+    write lock) when another thread forks: the child, which has no such thread, must
+    still write (a lock inherited held would never be released there)."""
+    store = SafeStore(f"sqlite:///{tmp_path / 'safe.db'}")
+    try:
+        store.safe("app")["parent"] = 1
+        holding, release = threading.Event(), threading.Event()
+
+        def writer_mid_write() -> None:
+            with store._write_lock:
+                holding.set()
+                release.wait(30)
+
+        thread = threading.Thread(target=writer_mid_write)
+        thread.start()
+        holding.wait(30)
+        try:
+
+            def work(child: int) -> None:
+                store.safe("app")[f"child {child}"] = child
+
+            assert in_forked_children(2, work, timeout=20) == ["", ""]
+        finally:
+            release.set()
+            thread.join()
+        assert store.safe("app").items() == [("child 0", 0), ("child 1", 1), ("parent", 1)]
+    finally:
+        store.dispose()
 
 
 def test_namespaces_never_see_each_other(store: SafeStore) -> None:

@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
-import os
 import re
 import secrets
-import select as io_select
-import signal
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sql_backends
-from sql_backends import Backend, checked_out, postgres_schema_url
+from sql_backends import Backend, checked_out, in_forked_children, postgres_schema_url
 from sqlalchemy import ForeignKey, String, create_engine, event, insert, select, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -375,48 +371,6 @@ def test_processes_opening_a_fresh_database_at_once_all_write(tmp_path: Path) ->
         engine.dispose()
 
 
-def _in_forked_children(
-    children: int, work: Callable[[int], None], timeout: float = 60.0
-) -> list[str]:
-    """Run ``work(child)`` in ``children`` forked processes at once; what each reported
-    ('' when it succeeded, else its error). A child with no answer after ``timeout``
-    seconds is killed (two processes on one socket can also wait for ever), and so is
-    every child still running if this function fails."""
-    running: dict[int, int] = {}  # pid: the read end of its pipe
-    try:
-        for child in range(children):
-            read_end, write_end = os.pipe()
-            pid = os.fork()
-            if pid == 0:  # the child: report, and leave without the parent's cleanup
-                os.close(read_end)
-                try:
-                    work(child)
-                    report = ""
-                except BaseException as error:
-                    report = f"{type(error).__name__}: {error}".splitlines()[0]
-                os.write(write_end, report.encode())
-                os._exit(0)
-            os.close(write_end)
-            running[pid] = read_end
-        reports = []
-        deadline = time.monotonic() + timeout
-        for pid, read_end in list(running.items()):
-            wait = max(0.0, deadline - time.monotonic())
-            if io_select.select([read_end], [], [], wait)[0]:
-                with os.fdopen(read_end, "rb") as pipe:
-                    reports.append(pipe.read().decode())
-                os.waitpid(pid, 0)
-                del running[pid]
-            else:
-                reports.append(f"no answer within {timeout:.0f} s")
-        return reports
-    finally:
-        for pid, read_end in running.items():
-            os.close(read_end)
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-
-
 ROWS_PER_CHILD = 40
 
 
@@ -439,7 +393,7 @@ def test_forked_children_get_pools_of_their_own(backend: Backend) -> None:
             if found != f"child {child}":
                 raise AssertionError(f"item {item}: read {found!r}")
 
-    assert _in_forked_children(3, work) == ["", "", ""]
+    assert in_forked_children(3, work) == ["", "", ""]
     with dm.dal() as dal:
         assert dal.items.name(0) == "parent"  # the parent's pooled connection still works
     expected = {0: "parent"}
@@ -471,7 +425,7 @@ def test_forked_children_get_async_pools_of_their_own(backend: Backend) -> None:
         if mine != [child * 1000 + i for i in range(1, ROWS_PER_CHILD + 1)]:
             raise AssertionError(f"child {child} reads {mine}")
 
-    assert _in_forked_children(3, lambda child: asyncio.run(awork(child))) == ["", "", ""]
+    assert in_forked_children(3, lambda child: asyncio.run(awork(child))) == ["", "", ""]
     expected = {0: "parent"}
     expected.update(
         {c * 1000 + i: f"child {c}" for c in range(3) for i in range(1, ROWS_PER_CHILD + 1)}
