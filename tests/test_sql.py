@@ -403,6 +403,31 @@ def test_forked_children_get_pools_of_their_own(backend: Backend) -> None:
     assert names(backend) == expected
 
 
+def test_a_child_forked_inside_a_context_is_in_no_context(backend: Backend) -> None:
+    """A process forked while a context is open (``multiprocessing`` started from a
+    request) must not find that context active: a context it opens would otherwise
+    nest in the parent's session, on the parent's connection. The child's contexts
+    are their own, committed by them: the parent's context then fails and rolls back,
+    and the children's rows stay. (The parent only reads: on SQLite a parent holding
+    the write lock would make its children wait.)"""
+    dm, _ = make_app(backend)
+    with dm.dal() as dal:
+        dal.items.add(1, "parent")
+    with pytest.raises(Boom, match="^the parent's request fails$"), dm.dal() as dal:
+        assert dal.items.name(1) == "parent"  # the parent's session and connection are open
+
+        def work(child: int) -> None:
+            if dm.get_active_context() is not None:
+                raise AssertionError("the parent's context is active in the child")
+            with dm.dal() as inner:
+                inner.items.add(100 + child, f"child {child}")
+
+        assert in_forked_children(2, work, timeout=30) == ["", ""]
+        assert dal.items.name(1) == "parent"
+        raise Boom("the parent's request fails")
+    assert names(backend) == {1: "parent", 100: "child 0", 101: "child 1"}
+
+
 def test_forked_children_get_async_pools_of_their_own(backend: Backend) -> None:
     """The same with the async engine: the parent used it (in ``asyncio.run``), then
     forks; each child runs its own event loop on a pool of its own."""

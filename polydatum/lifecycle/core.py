@@ -16,6 +16,7 @@ lifecycle reads its own attributes at every step (benchmarks/README.md).
 from __future__ import annotations
 
 import atexit
+import os
 from collections.abc import Callable
 from contextvars import ContextVar, Token
 from random import getrandbits
@@ -94,6 +95,17 @@ active_lifecycle = _active.get
 _OPEN: set[LifecycleCore] = set()
 _exit_reporters: list[Callable[[list[LifecycleCore]], None]] = []
 _exit_report_registered = False
+
+
+def _forget_parent_contexts() -> None:
+    """In a forked child: the parent's contexts are not this process's. A context the
+    child opens must not nest in one of them (the SQL resource would share its session,
+    on the parent's connection), nor be reported at exit as left open here."""
+    _active.set(None)
+    _OPEN.clear()
+
+
+os.register_at_fork(after_in_child=_forget_parent_contexts)
 
 
 def open_lifecycles() -> list[LifecycleCore]:
