@@ -142,9 +142,13 @@ A process that used its engines and then forks (gunicorn ``--preload``, a Celery
 prefork master that checked the database at startup, ``multiprocessing``) does not
 hand its pooled connections to the children: every engine polydatum makes (the
 resources' and the safe's) starts each forked child with an empty pool of its own, and
-the parent's connections are neither used nor closed there. An engine created with
+the parent's connections are neither used nor closed there; a child forked while a
+context is open is in no context (one it opens is its own). An engine created with
 :func:`sqlalchemy.create_engine` by the application needs the same care
-(``engine.dispose(close=False)`` in the child).
+(``engine.dispose(close=False)`` in the child). A child must not *leave* a block the
+parent opened (fork inside ``with dm.dal():``, then return or raise through it): the
+block's exit would roll back or commit the parent's session over the parent's
+connection. End such a child with ``os._exit()``, as ``multiprocessing`` does.
 
 The same URL works for both flavours: ``postgresql://`` means psycopg 3 (sync and
 async), ``sqlite:///`` becomes ``sqlite+aiosqlite:///`` for the async resource and
