@@ -15,8 +15,7 @@ What it holds:
   ``db.namespace``, ``server.address``/``server.port``; never credentials).
 * Engines: :func:`create_sql_engine` and :func:`create_async_sql_engine`, with SQLite's
   pragmas (:data:`SQLITE_PRAGMAS`) and BEGIN (:data:`SQLITE_BEGIN_OPTION`),
-  ``pool_pre_ping``, and a pool of their own in a forked child.
-* Fork: every engine made here starts a forked child with an empty pool of its own.
+  ``pool_pre_ping``, and an empty pool of their own in a forked child.
 * Statement failures: the engine events those engines carry, which record each
   statement that fails inside a transaction, per savepoint level
   (:class:`StatementFailures`, read with :func:`failures_of`); :mod:`polydatum.sql`
@@ -340,9 +339,10 @@ def _install_sqlite_hooks(sync_engine: Engine, pragmas: Mapping[str, str | int])
 # connections to every child: the parent and the children then talk over the same
 # sockets, and on PostgreSQL a child fails with a protocol error or reads another
 # process's results. Each engine polydatum makes is given a fresh, empty pool in a
-# forked child, the parent's connections neither used nor closed there (SQLAlchemy's
-# ``dispose(close=False)``; psycopg and the sqlite3 module never close a connection in
-# a process that did not open it).
+# forked child, the parent's connections never used there (SQLAlchemy's
+# ``dispose(close=False)``): when the child drops them, psycopg leaves a connection it
+# did not open in this process alone (it checks the pid), and a SQLite file closed in
+# the child stays open in the parent.
 
 _ENGINES_TO_RESET_AFTER_FORK: weakref.WeakSet[Engine] = weakref.WeakSet()
 
