@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -59,7 +58,11 @@ def test_workers_of_a_preloaded_app_each_use_connections_of_their_own(
                 response = client.post(f"/notes/n{i}")
                 return f"n{i}", response.status_code, response.text
 
-            time.sleep(0.5)  # let every worker boot, so that several serve
+            wait_for(  # every worker booted, so that several serve
+                lambda: log.read_text().count("Booting worker") >= WORKERS,
+                "gunicorn's workers",
+                timeout=30,
+            )
             with ThreadPoolExecutor(8) as pool:
                 answers = list(pool.map(request, range(REQUESTS)))
     finally:
