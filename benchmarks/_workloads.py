@@ -311,6 +311,28 @@ def handwritten_instruments(meter: Any) -> SimpleNamespace:
     return instruments
 
 
+def log_context_line(
+    info: Callable[..., Any], context_id: str, duration: float, setup_s: float, down_s: float
+) -> None:
+    """The canonical INFO line polydatum logs for a successful shape-A context, by hand."""
+    info(
+        "polydatum.context",
+        context_id=context_id,
+        outcome="ok",
+        duration_ms=round(duration * 1000, 3),
+        middleware=[
+            {
+                "name": "request_id_middleware",
+                "setup_ms": round(setup_s * 1000, 3),
+                "teardown_ms": round(down_s * 1000, 3),
+            }
+        ],
+        resources=["db"],
+        service_calls=1,
+        teardown_errors=[],
+    )
+
+
 def handwritten_everything_a(tracer: Any, meter: Any, logger: Any) -> Callable[[], Any]:
     """Shape A by hand with everything polydatum records for it when all is on.
 
@@ -379,22 +401,7 @@ def handwritten_everything_a(tracer: Any, meter: Any, logger: Any) -> Callable[[
                     record_resource(clock() - t, db_down)
                 duration = clock() - t0
                 record_context(duration)
-                info(
-                    "polydatum.context",
-                    context_id=context_id,
-                    outcome="ok",
-                    duration_ms=round(duration * 1000, 3),
-                    middleware=[
-                        {
-                            "name": "request_id_middleware",
-                            "setup_ms": round(mw_setup_s * 1000, 3),
-                            "teardown_ms": round(mw_down_s * 1000, 3),
-                        }
-                    ],
-                    resources=["db"],
-                    service_calls=1,
-                    teardown_errors=[],
-                )
+                log_context_line(info, context_id, duration, mw_setup_s, mw_down_s)
         finally:
             active[0] -= 1
         return result
@@ -454,22 +461,7 @@ def handwritten_everything_lean_a(tracer: Any, meter: Any, logger: Any) -> Calla
                     next(resource, None)
                 duration = clock() - t0
                 record_context(duration)
-                info(
-                    "polydatum.context",
-                    context_id=context_id,
-                    outcome="ok",
-                    duration_ms=round(duration * 1000, 3),
-                    middleware=[
-                        {
-                            "name": "request_id_middleware",
-                            "setup_ms": round(mw_setup_s * 1000, 3),
-                            "teardown_ms": round(mw_down_s * 1000, 3),
-                        }
-                    ],
-                    resources=["db"],
-                    service_calls=1,
-                    teardown_errors=[],
-                )
+                log_context_line(info, context_id, duration, mw_setup_s, mw_down_s)
         finally:
             active[0] -= 1
         return result
