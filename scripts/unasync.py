@@ -37,6 +37,8 @@ WORDS = {
     "_afail_setup": "_fail_setup",
     "_aclose": "_close",
     "_aabort": "_abort",
+    "_await_creation": "_wait_for_creation",
+    "await_until_set_up": "wait_until_set_up",
 }
 PHRASES = {
     "AWAITS = True": "AWAITS = False",

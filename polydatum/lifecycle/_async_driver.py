@@ -27,7 +27,12 @@ from typing import Any
 
 import polydatum.lifecycle.stepping as stepping  # async only
 from polydatum.errors import TeardownErrors
-from polydatum.lifecycle.core import CREATING, LifecycleCore
+from polydatum.lifecycle.core import (
+    CREATING,
+    LifecycleCore,
+    creates_resources,
+    setting_up_on_this_stack,
+)
 from polydatum.lifecycle.records import Registration, StepRecord
 from polydatum.lifecycle.rules import (
     RAISED,
@@ -137,10 +142,31 @@ class AsyncDriver(LifecycleCore):
         if name in resources:
             value = resources[name]
             if value is CREATING:
-                raise resource_cycle(name)
+                return await self._await_creation(name)
             return value
         return await self._acreate(name)
 
+    async def _await_creation(self, name: str) -> Any:
+        """Resource ``name`` while its setup runs: a cycle when the caller is inside
+        that setup; otherwise another thread or task set it up first, at the same
+        moment (``asyncio.gather`` of two calls): wait for its setup to end, then read
+        it -- or, when that setup failed, set it up here, as a later read would."""
+        resources = self.resources
+        while True:
+            if self.state not in RESOURCE_USE_STATES:  # it ended while we waited
+                raise cannot_use(name, self.state)
+            if setting_up_on_this_stack(self, name):
+                raise resource_cycle(name)
+            done = self.setup_done(name)
+            if resources.get(name) is CREATING:  # still setting up
+                await self.await_until_set_up(name, done)
+            if name not in resources:
+                return await self._acreate(name)
+            value = resources[name]
+            if value is not CREATING:
+                return value
+
+    @creates_resources
     async def _acreate(self, name: str) -> Any:
         """Create resource ``name``, known not to exist yet."""
         state = self.state
@@ -152,13 +178,16 @@ class AsyncDriver(LifecycleCore):
             registration = dm.resource_registration(name)
         resources = self.resources
         try:
-            resources[name] = CREATING  # asking for it during its own setup is a cycle
+            resources[name] = CREATING  # a caller asking meanwhile waits, or is a cycle
             value = await self._aset_up(registration, self.resource_stack)
             resources[name] = value
         except BaseException:
             if resources.get(name) is CREATING:
                 del resources[name]
             raise
+        finally:
+            if self._setup_waiters is not None:  # other callers wait for this setup
+                self.wake_waiters(name)
         return value
 
     async def _aset_up(self, registration: Registration, stack: list[StepRecord]) -> Any:

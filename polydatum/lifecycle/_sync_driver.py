@@ -11,7 +11,12 @@ from types import GeneratorType, TracebackType
 from typing import Any
 
 from polydatum.errors import TeardownErrors
-from polydatum.lifecycle.core import CREATING, LifecycleCore
+from polydatum.lifecycle.core import (
+    CREATING,
+    LifecycleCore,
+    creates_resources,
+    setting_up_on_this_stack,
+)
 from polydatum.lifecycle.records import Registration, StepRecord
 from polydatum.lifecycle.rules import (
     RAISED,
@@ -120,10 +125,31 @@ class SyncDriver(LifecycleCore):
         if name in resources:
             value = resources[name]
             if value is CREATING:
-                raise resource_cycle(name)
+                return self._wait_for_creation(name)
             return value
         return self._create(name)
 
+    def _wait_for_creation(self, name: str) -> Any:
+        """Resource ``name`` while its setup runs: a cycle when the caller is inside
+        that setup; otherwise another thread or task set it up first, at the same
+        moment (``asyncio.gather`` of two calls): wait for its setup to end, then read
+        it -- or, when that setup failed, set it up here, as a later read would."""
+        resources = self.resources
+        while True:
+            if self.state not in RESOURCE_USE_STATES:  # it ended while we waited
+                raise cannot_use(name, self.state)
+            if setting_up_on_this_stack(self, name):
+                raise resource_cycle(name)
+            done = self.setup_done(name)
+            if resources.get(name) is CREATING:  # still setting up
+                self.wait_until_set_up(name, done)
+            if name not in resources:
+                return self._create(name)
+            value = resources[name]
+            if value is not CREATING:
+                return value
+
+    @creates_resources
     def _create(self, name: str) -> Any:
         """Create resource ``name``, known not to exist yet."""
         state = self.state
@@ -135,13 +161,16 @@ class SyncDriver(LifecycleCore):
             registration = dm.resource_registration(name)
         resources = self.resources
         try:
-            resources[name] = CREATING  # asking for it during its own setup is a cycle
+            resources[name] = CREATING  # a caller asking meanwhile waits, or is a cycle
             value = self._set_up(registration, self.resource_stack)
             resources[name] = value
         except BaseException:
             if resources.get(name) is CREATING:
                 del resources[name]
             raise
+        finally:
+            if self._setup_waiters is not None:  # other callers wait for this setup
+                self.wake_waiters(name)
         return value
 
     def _set_up(self, registration: Registration, stack: list[StepRecord]) -> Any:

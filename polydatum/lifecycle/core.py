@@ -15,18 +15,23 @@ lifecycle reads its own attributes at every step (benchmarks/README.md).
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import os
+import sys
+import threading
 from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
 from contextvars import ContextVar, Token
 from random import getrandbits
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol
+from types import CodeType, FrameType, TracebackType
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from polydatum.errors import CommitError, TeardownErrors
 from polydatum.lifecycle.observer import ContextObserver, ObserverFactory
 from polydatum.lifecycle.records import Registration, StepRecord
-from polydatum.lifecycle.rules import dal_not_entered
+from polydatum.lifecycle.rules import dal_not_entered, resource_set_up_by_another_task
 from polydatum.lifecycle.states import (
     RESOURCE_CREATE_STATES,
     State,
@@ -42,7 +47,9 @@ __all__ = [
     "LifecycleHost",
     "active_lifecycle",
     "add_exit_reporter",
+    "creates_resources",
     "open_lifecycles",
+    "setting_up_on_this_stack",
 ]
 
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
@@ -70,7 +77,7 @@ class LifecycleHost(Protocol):
 
 
 class _Creating:
-    """The value of a resource in ``resources`` while its setup runs (cycle detection)."""
+    """The value of a resource in ``resources`` while its setup runs."""
 
     __slots__ = ()
 
@@ -79,6 +86,47 @@ class _Creating:
 
 
 CREATING: Any = _Creating()
+
+#: The code of the drivers' methods that set a resource up (``_create``,
+#: ``_acreate``): the frames :func:`setting_up_on_this_stack` looks for.
+_CREATE_CODES: set[CodeType] = set()
+#: Guards every context's ``_setup_waiters`` (waiters may be in several threads).
+_WAITERS_LOCK = threading.Lock()
+#: How long a caller waiting for another's setup of a resource waits before it looks
+#: again at the resource and the context's state.
+RECHECK_SECONDS = 1.0
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def creates_resources(method: _Method) -> _Method:
+    """Mark a driver method whose frame, while it runs, is a resource's setup in
+    progress (its locals ``self``, the lifecycle, and ``name``, the resource)."""
+    _CREATE_CODES.add(method.__code__)
+    return method
+
+
+def setting_up_on_this_stack(lifecycle: LifecycleCore, name: str) -> bool:
+    """Whether the running code is inside the setup of resource ``name`` of
+    ``lifecycle``: the resource asking for itself, directly or through other resources
+    (a cycle), rather than another thread or asyncio task asking at the same moment.
+
+    The setup's frame is looked for on the current stack, which a nested call in the
+    same thread or task always has below it. It is looked for at the rare moment the
+    question comes up rather than marked in every setup: a contextvar set in each
+    setup's own context costs a few per cent of an idle request (benchmarks/README.md).
+    What this cannot see: a task or thread that the setup starts and waits for, and
+    which then asks for the resource, waits for the setup that waits for it.
+    """
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code in _CREATE_CODES:
+            local = frame.f_locals
+            if local.get("self") is lifecycle and local.get("name") == name:
+                return True
+        frame = frame.f_back
+    return False
+
 
 #: A context's first state, as a module constant: on CPython 3.11 reading a member
 #: through its Enum class runs Python code (``EnumType.__getattr__``), about the cost
@@ -162,6 +210,9 @@ class LifecycleCore:
         self._shortcuts: list[str] | None = None  # resource names cached in ctx.__dict__
         self._token: Token[LifecycleCore | None] | None = None
         self._id: str | None = None
+        #: Futures of the resource setups other callers wait for, by resource name
+        #: (made by the first one to wait).
+        self._setup_waiters: dict[str, Future[None]] | None = None
 
     if TYPE_CHECKING:  # the drivers' (see polydatum.lifecycle.Lifecycle)
 
@@ -198,6 +249,50 @@ class LifecycleCore:
         if errors is None:
             errors = self._exit_errors = []
         return errors
+
+    # -- a resource several callers ask for first -------------------------------------
+
+    def setup_done(self, name: str) -> Future[None]:
+        """The future that ends with the setup of resource ``name`` now running (for a
+        caller that waits for it)."""
+        with _WAITERS_LOCK:
+            waiters = self._setup_waiters
+            if waiters is None:
+                waiters = self._setup_waiters = {}
+            done = waiters.get(name)
+            if done is None:
+                done = waiters[name] = Future()
+        return done
+
+    def wait_until_set_up(self, name: str, done: Future[None]) -> None:
+        """Block this thread until another thread's setup of resource ``name`` ends,
+        or for :data:`RECHECK_SECONDS` (the caller then looks again: a wake-up lost to
+        an interrupted setup costs a pause, never a hang).
+
+        Refused in a thread that runs an event loop: the setup may be another task of
+        that loop, which blocking here would stop for ever.
+        """
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # no loop here: the setup runs in another thread
+            wait_futures([done], RECHECK_SECONDS)
+        else:
+            raise resource_set_up_by_another_task(name)
+
+    async def await_until_set_up(self, name: str, done: Future[None]) -> None:
+        """Wait, without blocking the event loop, until another task's or thread's
+        setup of resource ``name`` ends, or for :data:`RECHECK_SECONDS`. Neither a
+        timeout nor this waiter's cancellation cancels ``done``: the setup and the
+        other waiters are left alone."""
+        await asyncio.wait([asyncio.wrap_future(done)], timeout=RECHECK_SECONDS)
+
+    def wake_waiters(self, name: str) -> None:
+        """The setup of resource ``name`` has ended (its value, or its absence, is in
+        ``resources``): wake whoever waits for it."""
+        with _WAITERS_LOCK:
+            done = self._setup_waiters.pop(name, None) if self._setup_waiters else None
+        if done is not None:
+            done.set_result(None)
 
     # -- resources read as attributes ------------------------------------------------
 

@@ -48,6 +48,7 @@ __all__ = [
     "did_not_yield",
     "is_teardown_error",
     "resource_cycle",
+    "resource_set_up_by_another_task",
     "setup_problem",
     "twice_yielded",
 ]
@@ -161,6 +162,16 @@ def resource_cycle(name: str) -> ResourceException:
     return ResourceException(
         f"Resource {name!r} asked for itself while setting up (a cycle): a resource "
         f"cannot use itself; set up what both need in a third resource."
+    )
+
+
+def resource_set_up_by_another_task(name: str) -> ResourceException:
+    """A sync read, in a thread running an event loop, of a resource being set up."""
+    return ResourceException(
+        f"Resource {name!r} is being set up by another caller, maybe another asyncio "
+        f"task of this thread's event loop: a sync read (`ctx.{name}`, "
+        f"`ctx.resource({name!r})`) cannot wait for it without stopping that task for "
+        f"ever; in async code read it with `await ctx.aresource({name!r})`."
     )
 
 
