@@ -495,6 +495,7 @@ class OncePerMessage(logging.Filter):
         super().__init__()
         self.counts: dict[tuple[str, str], int] = {}
         self._lock = threading.Lock()
+        _FILTERS.add(self)
 
     def filter(self, record: logging.LogRecord) -> bool:
         key = (record.name, str(record.msg))
@@ -503,6 +504,20 @@ class OncePerMessage(logging.Filter):
             self.counts[key] = seen + 1
         return seen == 0
 
+
+#: Every :class:`OncePerMessage` of this process, for :func:`_new_filter_locks_after_fork`.
+_FILTERS: weakref.WeakSet[OncePerMessage] = weakref.WeakSet()
+
+
+def _new_filter_locks_after_fork() -> None:
+    # The forked child has only the thread that forked: a lock that another thread
+    # (an exporter's, logging a failure) held at the fork would never be released
+    # there, and the child's first export warning would hang in the filter.
+    for once in list(_FILTERS):
+        once._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_filter_locks_after_fork)
 
 _export_filter: OncePerMessage | None = None
 

@@ -22,6 +22,7 @@ import redis
 import redis.asyncio as aioredis
 from fastapi import FastAPI
 
+import polydatum.lifecycle.core as core
 from polydatum import DataManager, Service
 from polydatum.context import DataAccessContext
 from polydatum.errors import ResourceException
@@ -31,6 +32,7 @@ from polydatum.lifecycle import State
 from polydatum.testing import TelemetryCapture
 from tests._servers import uvicorn_server
 from tests.conftest import require_service
+from tests.sql_backends import in_forked_children
 
 
 def _cycle(name: str) -> str:
@@ -333,8 +335,6 @@ def test_a_fastapi_endpoint_gathering_calls_that_share_a_redis_client() -> None:
 async def test_a_lost_wake_up_costs_a_pause_not_a_hang(monkeypatch: pytest.MonkeyPatch) -> None:
     """Should a setup end without waking its waiters (an interrupt at the wrong
     instant), they look again after ``RECHECK_SECONDS`` and get the resource."""
-    import polydatum.lifecycle.core as core
-
     monkeypatch.setattr(core, "RECHECK_SECONDS", 0.05)
     monkeypatch.setattr(core.LifecycleCore, "wake_waiters", lambda self, name: None)
     log: list[str] = []
@@ -348,3 +348,38 @@ async def test_a_lost_wake_up_costs_a_pause_not_a_hang(monkeypatch: pytest.Monke
         )
     assert numbers == [first, first]
     assert log == ["connect", f"close {first}"]
+
+
+def test_a_forked_child_gets_a_waiters_lock_of_its_own() -> None:
+    """The lock of the setup waiters, held by another thread at the fork, would stay
+    held for ever in the child: its first wait for a concurrent setup would hang."""
+    held, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with core._WAITERS_LOCK:
+            held.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    try:
+        assert held.wait(10)
+
+        def child(_: int) -> None:
+            log: list[str] = []
+            dm = DataManager()
+            dm.register_services(reader=Reader())
+            dm.register_resources(client=_counting_client(log))
+
+            async def main() -> list[int]:
+                async with dm.dal() as dal:
+                    return await asyncio.gather(dal.reader.number(), dal.reader.number())
+
+            first, second = asyncio.run(main())
+            assert first == second
+            assert log == ["connect", f"close {first}"]
+
+        assert in_forked_children(1, child, timeout=20) == [""]
+    finally:
+        release.set()
+        thread.join(10)

@@ -148,9 +148,13 @@ _exit_report_registered = False
 def _forget_parent_contexts() -> None:
     """In a forked child: the parent's contexts are not this process's. A context the
     child opens must not nest in one of them (the SQL resource would share its session,
-    on the parent's connection), nor be reported at exit as left open here."""
+    on the parent's connection), nor be reported at exit as left open here. The lock
+    of the setup waiters is new: a lock another thread held at the fork stays held in
+    the child, which has only the thread that forked."""
+    global _WAITERS_LOCK
     _active.set(None)
     _OPEN.clear()
+    _WAITERS_LOCK = threading.Lock()  # another parent thread may have held it
 
 
 os.register_at_fork(after_in_child=_forget_parent_contexts)
