@@ -350,6 +350,8 @@ async def test_a_lost_wake_up_costs_a_pause_not_a_hang(monkeypatch: pytest.Monke
     assert log == ["connect", f"close {first}"]
 
 
+# Forking while another thread runs is the point: CPython 3.12+ warns of exactly that.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_a_forked_child_gets_a_waiters_lock_of_its_own() -> None:
     """The lock of the setup waiters, held by another thread at the fork, would stay
     held for ever in the child: its first wait for a concurrent setup would hang."""

@@ -366,6 +366,8 @@ def test_a_raising_span_processor_never_makes_ping_raise(where: str) -> None:
     capture.tracer_provider.shutdown()
 
 
+# Forking while another thread runs is the point: CPython 3.12+ warns of exactly that.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_a_forked_child_gets_a_filter_lock_of_its_own(
     export_filter: polydatum_telemetry.OncePerMessage,
 ) -> None:
