@@ -18,8 +18,10 @@ import os
 import secrets
 import select
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,6 +124,27 @@ def worker_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+@contextmanager
+def held_by_another_thread(lock: AbstractContextManager[Any]) -> Iterator[None]:
+    """``lock`` held by another thread of this process for as long as the block runs: a
+    process forked meanwhile inherits it held, by a thread the child does not have."""
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with lock:
+            holding.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        assert holding.wait(30), "the other thread never got the lock"
+        yield
+    finally:
+        release.set()
+        thread.join(30)
 
 
 def in_forked_children(

@@ -32,7 +32,7 @@ from polydatum.lifecycle import State
 from polydatum.testing import TelemetryCapture
 from tests._servers import uvicorn_server
 from tests.conftest import require_service
-from tests.sql_backends import in_forked_children
+from tests.sql_backends import held_by_another_thread, in_forked_children
 
 
 def _cycle(name: str) -> str:
@@ -355,33 +355,20 @@ async def test_a_lost_wake_up_costs_a_pause_not_a_hang(monkeypatch: pytest.Monke
 def test_a_forked_child_gets_a_waiters_lock_of_its_own() -> None:
     """The lock of the setup waiters, held by another thread at the fork, would stay
     held for ever in the child: its first wait for a concurrent setup would hang."""
-    held, release = threading.Event(), threading.Event()
 
-    def holder() -> None:
-        with core._WAITERS_LOCK:
-            held.set()
-            release.wait(10)
+    def child(_: int) -> None:
+        log: list[str] = []
+        dm = DataManager()
+        dm.register_services(reader=Reader())
+        dm.register_resources(client=_counting_client(log))
 
-    thread = threading.Thread(target=holder)
-    thread.start()
-    try:
-        assert held.wait(10)
+        async def main() -> list[int]:
+            async with dm.dal() as dal:
+                return await asyncio.gather(dal.reader.number(), dal.reader.number())
 
-        def child(_: int) -> None:
-            log: list[str] = []
-            dm = DataManager()
-            dm.register_services(reader=Reader())
-            dm.register_resources(client=_counting_client(log))
+        first, second = asyncio.run(main())
+        assert first == second
+        assert log == ["connect", f"close {first}"]
 
-            async def main() -> list[int]:
-                async with dm.dal() as dal:
-                    return await asyncio.gather(dal.reader.number(), dal.reader.number())
-
-            first, second = asyncio.run(main())
-            assert first == second
-            assert log == ["connect", f"close {first}"]
-
+    with held_by_another_thread(core._WAITERS_LOCK):
         assert in_forked_children(1, child, timeout=20) == [""]
-    finally:
-        release.set()
-        thread.join(10)

@@ -15,7 +15,14 @@ from typing import Any
 import pytest
 import sql_backends
 from span_faults import RaisingProcessor
-from sql_backends import REPO_ROOT, Backend, checked_out, in_forked_children, worker_env
+from sql_backends import (
+    REPO_ROOT,
+    Backend,
+    checked_out,
+    held_by_another_thread,
+    in_forked_children,
+    worker_env,
+)
 from sqlalchemy import (
     Column,
     Integer,
@@ -105,25 +112,12 @@ def test_a_forked_child_writes_although_a_parent_thread_held_the_write_lock(
     store = SafeStore(f"sqlite:///{tmp_path / 'safe.db'}")
     try:
         store.safe("app")["parent"] = 1
-        holding, release = threading.Event(), threading.Event()
 
-        def writer_mid_write() -> None:
-            with store._write_lock:
-                holding.set()
-                release.wait(30)
+        def work(child: int) -> None:
+            store.safe("app")[f"child {child}"] = child
 
-        thread = threading.Thread(target=writer_mid_write)
-        thread.start()
-        holding.wait(30)
-        try:
-
-            def work(child: int) -> None:
-                store.safe("app")[f"child {child}"] = child
-
+        with held_by_another_thread(store._write_lock):  # a writer mid-write
             assert in_forked_children(2, work, timeout=20) == ["", ""]
-        finally:
-            release.set()
-            thread.join()
         assert store.safe("app").items() == [("child 0", 0), ("child 1", 1), ("parent", 1)]
     finally:
         store.dispose()

@@ -26,7 +26,7 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from span_faults import RaisingProcessor as Raising
-from sql_backends import in_forked_children
+from sql_backends import held_by_another_thread, in_forked_children
 
 from polydatum import DataManager, Service, get_active_context
 from polydatum import telemetry as polydatum_telemetry
@@ -373,26 +373,11 @@ def test_a_forked_child_gets_a_filter_lock_of_its_own(
 ) -> None:
     """A filter lock another thread held at the fork (an exporter thread logging a
     failure) would stay held for ever in the child, whose first export warning hung."""
-    held, release = threading.Event(), threading.Event()
 
-    def exporter_thread() -> None:
-        with export_filter._lock:
-            held.set()
-            release.wait(10)
+    def child(_: int) -> None:
+        record = logging.LogRecord("opentelemetry.sdk", logging.WARNING, "", 0, "x %s", (1,), None)
+        assert export_filter.filter(record) is True
+        assert export_filter.filter(record) is False
 
-    thread = threading.Thread(target=exporter_thread)
-    thread.start()
-    try:
-        assert held.wait(10)
-
-        def child(_: int) -> None:
-            record = logging.LogRecord(
-                "opentelemetry.sdk", logging.WARNING, "", 0, "x %s", (1,), None
-            )
-            assert export_filter.filter(record) is True
-            assert export_filter.filter(record) is False
-
+    with held_by_another_thread(export_filter._lock):  # an exporter thread logging
         assert in_forked_children(1, child, timeout=20) == [""]
-    finally:
-        release.set()
-        thread.join(10)
