@@ -72,6 +72,16 @@ class Reader(Service):
         return client.number
 
 
+def _reader_data_manager(
+    log: list[str], *, fail_first: bool = False, **options: Any
+) -> DataManager:
+    """A DataManager whose service ``reader`` reads the counting ``client`` resource."""
+    dm = DataManager(**options)
+    dm.register_services(reader=Reader())
+    dm.register_resources(client=_counting_client(log, fail_first=fail_first))
+    return dm
+
+
 @pytest.mark.parametrize("traced", [False, True], ids=["idle", "traced"])
 async def test_tasks_asking_first_at_once_share_one_setup(traced: bool) -> None:
     log: list[str] = []
@@ -81,9 +91,7 @@ async def test_tasks_asking_first_at_once_share_one_setup(traced: bool) -> None:
             if capture is not None
             else {}
         )
-        dm = DataManager(**options)
-        dm.register_services(reader=Reader())
-        dm.register_resources(client=_counting_client(log))
+        dm = _reader_data_manager(log, **options)
         first = Client.made + 1
         async with dm.dal() as dal:
             numbers = await asyncio.gather(*(dal.reader.number() for _ in range(5)))
@@ -108,9 +116,7 @@ async def test_a_failed_setup_is_tried_again_by_a_caller_that_waited_for_it() ->
     """As if the callers had asked one after the other: the first setup's error goes to
     the caller that ran it, the next caller sets the resource up again."""
     log: list[str] = []
-    dm = DataManager()
-    dm.register_services(reader=Reader())
-    dm.register_resources(client=_counting_client(log, fail_first=True))
+    dm = _reader_data_manager(log, fail_first=True)
     first = Client.made + 1
     async with dm.dal() as dal:
         outcomes = await asyncio.gather(
@@ -125,9 +131,7 @@ async def test_a_failed_setup_is_tried_again_by_a_caller_that_waited_for_it() ->
 
 async def test_a_cancelled_waiter_leaves_the_setup_and_the_other_waiters_alone() -> None:
     log: list[str] = []
-    dm = DataManager()
-    dm.register_services(reader=Reader())
-    dm.register_resources(client=_counting_client(log))
+    dm = _reader_data_manager(log)
     first = Client.made + 1
     async with dm.dal() as dal:
         setting_up = asyncio.ensure_future(dal.reader.number())
@@ -219,9 +223,7 @@ async def test_sync_resource_read_from_threads_of_an_async_context() -> None:
 async def test_a_sync_read_on_the_event_loop_while_another_task_sets_up_is_refused() -> None:
     """Blocking the loop's thread would stop the task that sets the resource up."""
     log: list[str] = []
-    dm = DataManager()
-    dm.register_services(reader=Reader())
-    dm.register_resources(client=_counting_client(log))
+    dm = _reader_data_manager(log)
     first = Client.made + 1
     async with dm.dal() as dal:
         ctx = dm.get_active_context()
@@ -338,9 +340,7 @@ async def test_a_lost_wake_up_costs_a_pause_not_a_hang(monkeypatch: pytest.Monke
     monkeypatch.setattr(core, "RECHECK_SECONDS", 0.05)
     monkeypatch.setattr(core.LifecycleCore, "wake_waiters", lambda self, name: None)
     log: list[str] = []
-    dm = DataManager()
-    dm.register_services(reader=Reader())
-    dm.register_resources(client=_counting_client(log))
+    dm = _reader_data_manager(log)
     first = Client.made + 1
     async with dm.dal() as dal:
         numbers = await asyncio.wait_for(
@@ -358,9 +358,7 @@ def test_a_forked_child_gets_a_waiters_lock_of_its_own() -> None:
 
     def child(_: int) -> None:
         log: list[str] = []
-        dm = DataManager()
-        dm.register_services(reader=Reader())
-        dm.register_resources(client=_counting_client(log))
+        dm = _reader_data_manager(log)
 
         async def main() -> list[int]:
             async with dm.dal() as dal:
